@@ -1,0 +1,153 @@
+"""The attack engine shared by every protection method.
+
+`Attack` enforces the threat model once: the L-infinity budget around the clean image, the `[-1, 1]` bounds,
+frozen models during the attack, and a detached result on the input's device and dtype. `PGDAttack` adds the
+projected sign-gradient loop of the FaceLock and PhotoGuard code; a PGD method only says what it computes once on
+the clean images (`prepare`) and what it maximises (`objective`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Put `modules` in eval mode with no parameter gradients; restore both flags on exit."""
+    submodules = {id(m): m for module in modules for m in module.modules()}.values()
+    parameters = {id(p): p for module in modules for p in module.parameters()}.values()
+    training = [(m, m.training) for m in submodules]
+    requires_grad = [(p, p.requires_grad) for p in parameters]
+    try:
+        for m, _ in training:
+            m.train(False)
+        for p, _ in requires_grad:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, flag in training:
+            m.train(flag)
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[float, float]) -> torch.Tensor:
+    """Clip `x_adv` into the L-infinity ball of radius `eps` around `x`, then into `bounds`."""
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(*bounds)
+
+
+def uniform_noise(like: torch.Tensor, low: float, high: float, generator: Generators = None) -> torch.Tensor:
+    """Uniform noise shaped like `like`, drawn on each generator's own device and then moved to `like`'s.
+
+    A list of generators gives each sample its own stream, so a batch sees the same noise as single runs
+    (the habit of diffusers' `randn_tensor`).
+    """
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(like)
+    if len(generators) != len(like):
+        raise ValueError(f"got {len(generators)} generators for a batch of {len(like)}")
+    if len(set(map(id, generators))) < len(generators):
+        draws = [_rand(like.shape, generators[0], like.dtype)]
+    else:
+        draws = [_rand((1, *like.shape[1:]), g, like.dtype) for g in generators]
+    return (torch.cat(draws).to(like.device) * (high - low) + low)
+
+
+def _rand(shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+class Attack:
+    """Base class of every protection method.
+
+    Images are `N x 3 x H x W` tensors in `[-1, 1]`. Calling the attack returns protected images within `eps`
+    (L-infinity, in the same `[-1, 1]` units) of the input and inside the bounds, detached, on the input's device
+    and in its dtype; the input is never modified. Models listed by `modules()` are frozen (eval mode, no
+    parameter gradients) for the duration of the call and restored afterwards. Internally the perturbation is
+    optimised in float32 whatever the input dtype; each model wrapper casts to its own dtype.
+
+    Subclasses implement `perturb(x, generator)`.
+    """
+
+    name: str = ""
+    summary: str = ""
+    models: tuple[str, ...] = ()
+    bounds: tuple[float, float] = (-1.0, 1.0)
+
+    def __init__(self, eps: float = 0.03, progress: bool = False) -> None:
+        if not 0 < eps <= self.bounds[1] - self.bounds[0]:
+            raise ValueError(f"the budget eps must be in (0, {self.bounds[1] - self.bounds[0]}], got {eps}")
+        self.eps = eps
+        self.progress = progress
+
+    def modules(self) -> list[nn.Module]:
+        """The models to freeze during the attack."""
+        return [getattr(self, name) for name in self.models if isinstance(getattr(self, name), nn.Module)]
+
+    def __call__(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"expected a float N x 3 x H x W batch, got {tuple(x.shape)} {x.dtype}")
+        low, high = self.bounds
+        if x.min() < low or x.max() > high:
+            raise ValueError(f"images must lie in [{low}, {high}], got [{x.min().item():.3f}, {x.max().item():.3f}]")
+        clean = x.detach().float()
+        with frozen(*self.modules()):
+            x_adv = self.perturb(clean, generator)
+        return project(x_adv.detach().float(), clean, self.eps, self.bounds).to(x.dtype)
+
+    def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+        raise NotImplementedError
+
+    def iterations(self, total: int, desc: str) -> tqdm:
+        return tqdm(range(total), desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+
+
+class PGDAttack(Attack):
+    """Projected gradient ascent with sign steps, as in the PhotoGuard and FaceLock code.
+
+    Uniform random start in the budget, step size decaying linearly from `step_size` to `step_size / 100`,
+    projection onto the budget and bounds after every step, and a fresh graph per step (nothing accumulates
+    across iterations). Subclasses supply `prepare` (computed once on the clean images, without gradients) and
+    `objective` (one value per sample, maximised).
+    """
+
+    def __init__(self, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100, progress: bool = False):
+        super().__init__(eps=eps, progress=progress)
+        if step_size <= 0 or num_iters < 1:
+            raise ValueError(f"need step_size > 0 and num_iters >= 1, got {step_size} and {num_iters}")
+        self.step_size = step_size
+        self.num_iters = num_iters
+
+    def step_size_at(self, i: int) -> float:
+        return self.step_size - (self.step_size - self.step_size / 100) / self.num_iters * i
+
+    def prepare(self, x: torch.Tensor) -> Any:
+        """What the objective needs from the clean images, computed once."""
+        return None
+
+    def objective(self, x_adv: torch.Tensor, reference: Any, i: int) -> torch.Tensor:
+        """The per-sample value (shape `N`) that the attack increases at iteration `i`."""
+        raise NotImplementedError
+
+    def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+        with torch.no_grad():
+            reference = self.prepare(x)
+        x_adv = project(x + uniform_noise(x, -self.eps, self.eps, generator), x, self.eps, self.bounds)
+        bar = self.iterations(self.num_iters, desc=self.name)
+        for i in bar:
+            x_adv.requires_grad_(True)
+            value = self.objective(x_adv, reference, i)
+            grad, = torch.autograd.grad(value.sum(), [x_adv])
+            x_adv = project(x_adv.detach() + self.step_size_at(i) * grad.sign(), x, self.eps, self.bounds)
+            bar.set_postfix(objective=f"{value.mean().item():.4f}")
+        return x_adv

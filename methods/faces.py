@@ -1,0 +1,302 @@
+"""Faces: detection, differentiable alignment and face-recognition embedders.
+
+Images are `N x 3 x H x W` tensors in `[-1, 1]`. A `FaceDetector` finds boxes and five landmarks (eyes, nose,
+mouth corners) once, on clean images. Alignment is a 2 x 3 matrix per face from image pixels to the embedder's
+crop (a 5-point similarity onto the ArcFace template, or the detector box for facenet), applied with
+`affine_grid`/`grid_sample` so that gradients reach every input pixel. A `FaceEmbedder` turns aligned crops into
+unit vectors. `FaceIdentity` puts them together for the FaceLock loss and the FR metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.transform import SimilarityTransform
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Five landmarks of the standard ArcFace 112 x 112 crop (x, y in pixels).
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
+)
+
+
+class NoFaceError(ValueError):
+    """No face was found where one is needed; `missing` lists the batch positions."""
+
+    def __init__(self, message: str, missing: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+
+
+@dataclass
+class Faces:
+    """Faces found in a batch of `count` images: the image each face belongs to (`index`, shape `K`), its box
+    (`K x 4`, x0 y0 x1 y1) and landmarks (`K x 5 x 2`), in pixels of that image."""
+
+    index: torch.Tensor
+    boxes: torch.Tensor
+    landmarks: torch.Tensor
+    count: int
+
+    @property
+    def found(self) -> torch.Tensor:
+        """Per image: was at least one face found?"""
+        return torch.bincount(self.index, minlength=self.count) > 0
+
+
+def to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
+    """`[-1, 1]` N x 3 x H x W to 0..255 N x H x W x 3 (what MTCNN takes)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)
+
+
+class FaceDetector:
+    """MTCNN (facenet-pytorch, weights inside the wheel) keeping the largest face per image, or all of them.
+
+    Faces below `min_confidence` are dropped. Runs without gradients; its device follows the images.
+    """
+
+    def __init__(self, keep: str = "largest", min_confidence: float = 0.9, min_face_size: int = 20) -> None:
+        if keep not in ("largest", "all"):
+            raise ValueError(f"keep must be 'largest' or 'all', got {keep!r}")
+        self.keep, self.min_confidence, self.min_face_size = keep, min_confidence, min_face_size
+        self._mtcnn: dict[torch.device, nn.Module] = {}
+
+    def _network(self, device: torch.device) -> nn.Module:
+        if device not in self._mtcnn:
+            from facenet_pytorch import MTCNN
+
+            self._mtcnn[device] = MTCNN(keep_all=True, select_largest=True, min_face_size=self.min_face_size,
+                                        device=device)
+        return self._mtcnn[device]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> Faces:
+        boxes, probs, points = self._network(images.device).detect(to_uint8_hwc(images), landmarks=True)
+        index, kept_boxes, kept_points = [], [], []
+        for i, (b, p, pts) in enumerate(zip(boxes, probs, points)):
+            if b is None:
+                continue
+            keep = [k for k in range(len(b)) if p[k] >= self.min_confidence]
+            keep = keep[:1] if self.keep == "largest" else keep
+            index += [i] * len(keep)
+            kept_boxes += [b[k] for k in keep]
+            kept_points += [pts[k] for k in keep]
+        return Faces(
+            index=torch.tensor(index, dtype=torch.long, device=images.device),
+            boxes=torch.tensor(np.array(kept_boxes, dtype=np.float32).reshape(-1, 4), device=images.device),
+            landmarks=torch.tensor(np.array(kept_points, dtype=np.float32).reshape(-1, 5, 2), device=images.device),
+            count=len(images),
+        )
+
+
+def _pixel_to_unit(height: int, width: int) -> np.ndarray:
+    """Pixel coordinates (pixel centres at integers) to grid_sample's [-1, 1] (align_corners=False)."""
+    return np.array([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]])
+
+
+def crop_faces(images: torch.Tensor, faces: Faces, matrices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Differentiable crops: face `k` of image `faces.index[k]` warped by `matrices[k]` (2 x 3, image pixels to
+    crop pixels) into a `size` (height, width) crop. Outside the image is black, as with OpenCV's warpAffine."""
+    height, width = images.shape[-2:]
+    thetas = []
+    for m in matrices.detach().cpu().double().numpy():
+        forward = np.vstack([m, [0, 0, 1]])
+        theta = _pixel_to_unit(height, width) @ np.linalg.inv(forward) @ np.linalg.inv(_pixel_to_unit(*size))
+        thetas.append(theta[:2])
+    theta = torch.tensor(np.array(thetas).reshape(-1, 2, 3), dtype=images.dtype, device=images.device)
+    grid = F.affine_grid(theta, [len(theta), 3, *size], align_corners=False)
+    return F.grid_sample(images[faces.index] + 1, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) - 1
+
+
+class FaceEmbedder(nn.Module):
+    """A face-recognition network with its input contract.
+
+    Args:
+        network: maps an `N x 3 x h x w` batch in the contract's range and channel order to `N x D` features.
+        size: (height, width) of the crop.
+        input_range: the pixel range the network takes, e.g. (0, 255) or (-1, 1).
+        bgr: whether the network takes BGR instead of RGB.
+        alignment: "arcface" (5-point similarity onto the ArcFace template, scaled to `size`) or
+            "box" (the detector's box stretched onto the crop, as facenet expects).
+        keypoints: pass the aligned landmarks (in [0, 1] crop units) as a second argument (CVLFace KP-RPE models).
+    """
+
+    def __init__(self, network: nn.Module, size: tuple[int, int] = (112, 112),
+                 input_range: tuple[float, float] = (0.0, 255.0), bgr: bool = False, alignment: str = "arcface",
+                 keypoints: bool = False, name: str = "") -> None:
+        super().__init__()
+        if alignment not in ("arcface", "box"):
+            raise ValueError(f"alignment must be 'arcface' or 'box', got {alignment!r}")
+        self.network = network
+        self.size = tuple(size)
+        self.input_range = tuple(float(v) for v in input_range)
+        self.bgr, self.alignment, self.keypoints, self.name = bgr, alignment, keypoints, name
+
+    def matrices(self, faces: Faces) -> torch.Tensor:
+        """Per face, the 2 x 3 matrix from image pixels to crop pixels."""
+        height, width = self.size
+        out = []
+        for box, points in zip(faces.boxes.cpu().double().numpy(), faces.landmarks.cpu().double().numpy()):
+            if self.alignment == "arcface":
+                template = ARCFACE_TEMPLATE * np.array([width / 112, height / 112])
+                out.append(SimilarityTransform.from_estimate(points, template).params[:2])
+            else:
+                x0, y0, x1, y1 = box
+                sx, sy = width / max(x1 - x0, 1e-6), height / max(y1 - y0, 1e-6)
+                out.append(np.array([[sx, 0, -x0 * sx - 0.5 + 0.5 * sx], [0, sy, -y0 * sy - 0.5 + 0.5 * sy]]))
+        return torch.tensor(np.array(out).reshape(-1, 2, 3), dtype=torch.float64)
+
+    def forward(self, crops: torch.Tensor, faces: Faces | None = None, matrices: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Unit embeddings of `[-1, 1]` crops."""
+        kernel = next(self.network.parameters())
+        low, high = self.input_range
+        x = ((crops.float() + 1) / 2 * (high - low) + low).to(kernel.dtype)
+        if self.bgr:
+            x = x.flip(1)
+        if self.keypoints:
+            points = _apply(matrices, faces.landmarks.double().cpu()) / torch.tensor([self.size[1], self.size[0]])
+            features = self.network(x, points.to(x))
+        else:
+            features = self.network(x)
+        return F.normalize(features.float().flatten(1), dim=1)
+
+
+def _apply(matrices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Apply K 2 x 3 matrices to K x P x 2 points."""
+    return points @ matrices[:, :, :2].transpose(1, 2) + matrices[:, None, :, 2]
+
+
+@dataclass
+class FaceReference:
+    """The clean faces of a batch: where they are, how they are cropped and their embeddings."""
+
+    faces: Faces
+    matrices: torch.Tensor
+    embeddings: torch.Tensor
+
+    @property
+    def found(self) -> torch.Tensor:
+        return self.faces.found
+
+
+class FaceIdentity(nn.Module):
+    """Detection, alignment and embedding behind one call.
+
+    `reference(x)` detects faces once on the clean images and embeds them; `self(y, reference)` crops `y` at the
+    clean faces' positions and returns, per image, the cosine similarity to the clean embedding, summed over the
+    image's faces (0 where no face was found). Differentiable in `y`.
+    """
+
+    def __init__(self, embedder: FaceEmbedder, detector: Callable[[torch.Tensor], Faces]) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.detector = detector
+
+    def embed(self, images: torch.Tensor, faces: Faces | None = None) -> tuple[torch.Tensor, Faces, torch.Tensor]:
+        """Embeddings (`K x D`) of the faces in `images`, detecting them unless `faces` is given; also returns the
+        faces and their crop matrices."""
+        faces = self.detector(images) if faces is None else faces
+        matrices = self.embedder.matrices(faces)
+        if len(faces.index) == 0:
+            return images.new_zeros((0, 1)), faces, matrices
+        crops = crop_faces(images.float(), faces, matrices, self.embedder.size)
+        return self.embedder(crops, faces, matrices), faces, matrices
+
+    def reference(self, x: torch.Tensor) -> FaceReference:
+        embeddings, faces, matrices = self.embed(x)
+        return FaceReference(faces, matrices, embeddings.detach())
+
+    def forward(self, y: torch.Tensor, reference: FaceReference) -> torch.Tensor:
+        faces = reference.faces
+        out = y.new_zeros(len(y), dtype=torch.float32)
+        if len(faces.index) == 0:
+            return out
+        crops = crop_faces(y.float(), faces, reference.matrices, self.embedder.size)
+        similarity = (self.embedder(crops, faces, reference.matrices) * reference.embeddings).sum(dim=1)
+        return out.index_add(0, faces.index, similarity)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+def read_contract(card: dict) -> dict:
+    """The input contract of an ONNX face model from its `model.json`.
+
+    Keys: `input_size` ([h, w], default [112, 112]); `input_range` ([low, high], default [0, 255]);
+    `channel_order` ("RGB" or "BGR", default RGB); `alignment` ("arcface" or "box", default arcface). Cards that
+    describe the input in words, as in `FACELOCK_ASSETS/models/*/model.json` (`"input": "float32 RGB in 0..255"`,
+    `"alignment": "... ArcFace 112x112 template"`), are read too.
+    """
+    words = str(card.get("input", ""))
+    if "input_range" in card:
+        input_range = tuple(card["input_range"])
+    elif "-1..1" in words.replace(" ", ""):
+        input_range = (-1.0, 1.0)
+    elif "0..1" in words.replace(" ", "") and "0..255" not in words:
+        input_range = (0.0, 1.0)
+    else:
+        input_range = (0.0, 255.0)
+    order = str(card.get("channel_order", "BGR" if "BGR" in words else "RGB")).upper()
+    alignment = str(card.get("alignment", "arcface")).lower()
+    alignment = "arcface" if "arcface" in alignment else alignment
+    return {"size": tuple(card.get("input_size", (112, 112))), "input_range": input_range, "bgr": order == "BGR",
+            "alignment": alignment}
+
+
+def load_onnx_embedder(path: str | Path) -> FaceEmbedder:
+    """An ONNX face model converted to PyTorch with onnx2torch, with the contract of the `model.json` beside it
+    (see `read_contract`; without one, a 112 x 112 ArcFace-aligned RGB model taking 0..255 is assumed)."""
+    import onnx2torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"face model {path} does not exist")
+    card_path = path.with_name("model.json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    if not card:
+        logger.warning("no model.json beside %s; assuming %s", path, read_contract({}))
+    network = onnx2torch.convert(str(path)).eval()
+    return FaceEmbedder(network, **read_contract(card), name=card.get("name", path.parent.name))
+
+
+def load_facenet() -> FaceEmbedder:
+    """InceptionResnetV1 with VGGFace2 weights (facenet-pytorch downloads them into torch's hub cache)."""
+    from facenet_pytorch import InceptionResnetV1
+
+    network = InceptionResnetV1(pretrained="vggface2").eval()
+    # facenet-pytorch's fixed_image_standardization: (x - 127.5) / 128 on 0..255 crops.
+    return FaceEmbedder(network, size=(160, 160), input_range=(-127.5 / 128, 127.5 / 128), alignment="box",
+                        name="facenet")
+
+
+def load_adaface(repo_id: str = "minchul/cvlface_adaface_vit_base_kprpe_webface4m") -> FaceEmbedder:
+    """The FaceLock paper's CVLFace AdaFace ViT from the Hugging Face hub (remote code; a logged-in token is
+    used if the repository asks for one). Takes ArcFace-aligned 112 x 112 crops in [-1, 1] and keypoints."""
+    import os
+    import sys
+
+    from huggingface_hub import snapshot_download
+    from transformers import AutoModel
+
+    folder = snapshot_download(repo_id)
+    cwd = os.getcwd()
+    sys.path.insert(0, folder)
+    try:
+        os.chdir(folder)  # the CVLFace wrapper resolves its files relative to the working directory
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    finally:
+        os.chdir(cwd)
+        sys.path.remove(folder)
+    return FaceEmbedder(model.eval(), size=(112, 112), input_range=(-1, 1), alignment="arcface", keypoints=True,
+                        name="adaface")

@@ -1,0 +1,222 @@
+"""The attack engine and the four methods, with tiny random models (CPU, offline, seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import methods
+from methods.autoencoder import as_autoencoder
+from methods.base import PGDAttack, frozen, uniform_noise
+from methods.faces import Faces, NoFaceError
+from utils import quantize_within, tensor_to_uint8
+from conftest import AUTOENCODERS, centre_faces, random_images, tiny_face_identity, tiny_lpips
+
+METHOD_NAMES = ["encoder", "vae", "cw", "facelock"]
+
+
+def build(name: str, autoencoder: str = "tiny", **options) -> methods.Attack:
+    options.setdefault("num_iters", 6)
+    return methods.create(name, autoencoder=AUTOENCODERS[autoencoder](), face=tiny_face_identity(),
+                          perceptual=tiny_lpips(), **options)
+
+
+def seeded(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_registry_lists_the_four_methods_and_builds_them_from_options():
+    assert list(methods.METHODS) == METHOD_NAMES
+    attack = build("encoder", eps=0.05, step_size=0.02, targeted=False, c=1.0)  # c is not an encoder option
+    assert (attack.eps, attack.step_size, attack.targeted) == (0.05, 0.02, False)
+    assert build("cw", targeted=None).targeted is False  # None keeps the method's own default
+    assert all(name in methods.describe() for name in METHOD_NAMES)
+    with pytest.raises(ValueError, match="unknown defend method 'nope'"):
+        methods.get_method("nope")
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("autoencoder", ["tiny", "kl"])
+def test_budget_and_bounds_hold_after_8bit_rounding(name, autoencoder):
+    x = random_images(2)
+    x[0, 0, :4] = 1.0  # pixels at the bounds stay inside them
+    x[1, 1, :4] = -1.0
+    attack = build(name, autoencoder, eps=0.03)
+    x_adv = attack(x, seeded(0, 1))
+    assert (x_adv - x).abs().max() <= 0.03 + 1e-6
+    assert x_adv.min() >= -1 and x_adv.max() <= 1
+    for clean, adv in zip(x, x_adv):
+        clean8 = tensor_to_uint8(clean)
+        out = quantize_within(adv, clean8, 0.03)
+        assert np.abs(out.astype(int) - clean8.astype(int)).max() <= 0.03 * 127.5
+    assert (x_adv - x).abs().max() > 0.01  # it did perturb
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_input_untouched_output_detached_on_input_dtype(name):
+    x = random_images(1).double()
+    before = x.clone()
+    x_adv = build(name)(x, seeded(0))
+    assert torch.equal(x, before)
+    assert x_adv.dtype == torch.float64 and x_adv.device == x.device
+    assert not x_adv.requires_grad and x_adv.grad_fn is None
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_same_seed_same_output(name):
+    attack, x = build(name), random_images(1)
+    first, second = attack(x, seeded(7)), attack(x, seeded(7))
+    assert torch.equal(first, second)
+    assert not torch.equal(first, attack(x, seeded(8)))
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_batch_equals_single_runs(name):
+    # float64 models: in float32, batched and single convolutions round differently, and a sign step turns a
+    # rounding difference on a near-zero gradient into a full step
+    attack, x = build(name), random_images(3)
+    for model in attack.modules():
+        model.double()
+    batch = attack(x, seeded(0, 1, 2))
+    singles = torch.cat([attack(x[i:i + 1], seeded(i)) for i in range(3)])
+    assert torch.equal(batch, singles)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_models_frozen_during_attack_and_restored_after(name):
+    attack = build(name)
+    models = attack.modules()
+    assert models  # every method attacks at least the autoencoder
+    for model in models:
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    seen = []
+    encode = attack.autoencoder.encode
+    attack.autoencoder.encode = lambda x: seen.append(
+        [(m.training, any(p.requires_grad for p in m.parameters())) for m in models]) or encode(x)
+    attack(random_images(1), seeded(0))
+    assert seen and all(flags == [(False, False)] * len(models) for flags in seen)
+    for model in models:
+        assert all(m.training for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+        model.eval().requires_grad_(False)  # the LPIPS model is shared between tests
+
+
+def test_frozen_restores_flags_after_an_exception():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    model.train()
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(RuntimeError), frozen(model):
+        assert not model.training and not model[0].weight.requires_grad
+        raise RuntimeError
+    assert model.training and model[1].training
+    assert model[0].weight.requires_grad and not model[0].bias.requires_grad
+
+
+def test_step_size_decays_linearly_as_in_the_official_code():
+    attack = PGDAttack(step_size=0.01, num_iters=100)
+    assert attack.step_size_at(0) == 0.01
+    assert attack.step_size_at(50) == pytest.approx(0.01 - 0.0099 * 0.5)
+    assert attack.step_size_at(100) == pytest.approx(0.0001)
+
+
+def test_uniform_noise_per_sample_streams_match_single_draws():
+    like = torch.zeros(2, 3, 4, 4)
+    batch = uniform_noise(like, -0.1, 0.1, seeded(3, 4))
+    assert torch.equal(batch[1:], uniform_noise(like[:1], -0.1, 0.1, seeded(4)))
+    assert batch.abs().max() <= 0.1
+
+
+def test_bad_inputs_are_refused():
+    attack = build("encoder")
+    with pytest.raises(ValueError, match="must lie in"):
+        attack(random_images(1) * 2, seeded(0))
+    with pytest.raises(ValueError, match="N x 3 x H x W"):
+        attack(random_images(1)[0], seeded(0))
+    with pytest.raises(ValueError, match="budget"):
+        build("vae", eps=0)
+
+
+def noise_baseline(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return (x + uniform_noise(x, -eps, eps, seeded(99))).clamp(-1, 1)
+
+
+@torch.no_grad()
+def measure(name: str, attack, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The quantity each method moves, measured on `y` against clean `x` (smaller is better for the attack)."""
+    ae = attack.autoencoder
+    if name == "encoder-targeted":
+        return ae.encode(y).norm().item()
+    if name == "encoder-untargeted":
+        return -(ae.encode(y) - ae.encode(x)).norm().item()
+    if name == "cw":  # its own cost: squared distance in [0, 1] units + c * f
+        return (((y - x) / 2).square().sum() - attack.c * (ae.encode(y) - ae.encode(x)).norm()).item()
+    if name == "vae":
+        return ae(y).norm().item()
+    return attack.face(ae(y).clamp(-1, 1), attack.face.reference(x)).sum().item()
+
+
+@pytest.mark.parametrize("name", ["encoder-targeted", "encoder-untargeted", "vae", "cw", "facelock"])
+def test_objective_moves_the_right_way(name):
+    method, _, kind = name.partition("-")
+    attack = build(method, "kl", num_iters=20, **({"targeted": kind == "targeted"} if kind else {}))
+    x = random_images(1, size=32, seed=3)
+    x_adv = attack(x, seeded(0))
+    assert measure(name, attack, x, x_adv) < measure(name, attack, x, noise_baseline(x, attack.eps))
+    if name in ("encoder-targeted", "vae", "facelock"):
+        assert measure(name, attack, x, x_adv) < measure(name, attack, x, x)
+
+
+class Counting(torch.nn.Module):
+    """Wraps a loss component and counts calls to `reference`."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.references = inner, 0
+
+    def reference(self, x):
+        self.references += 1
+        return self.inner.reference(x)
+
+    def forward(self, y, reference):
+        return self.inner(y, reference)
+
+
+def test_facelock_computes_clean_references_once_and_follows_the_official_schedule():
+    face, perceptual = Counting(tiny_face_identity()), Counting(tiny_lpips())
+    attack = methods.create("facelock", autoencoder=AUTOENCODERS["tiny"](), face=face, perceptual=perceptual,
+                            num_iters=20)
+    attack(random_images(1), seeded(0))
+    assert face.references == 1 and perceptual.references == 1
+    weights = [attack.weights_at(i) for i in range(20)]
+    assert [w[0] for w in weights] == [0.0] * 7 + [1.0] * 13  # FR from i >= 0.35 N
+    assert [w[2] for w in weights] == [0.0] * 6 + [1.0] * 14  # LPIPS from i > 0.25 N
+    assert {w[1] for w in weights} == {0.2}
+    no_lpips = methods.create("facelock", autoencoder=AUTOENCODERS["tiny"](), face=face, perceptual=None)
+    assert no_lpips.weights_at(99)[2] == 0.0
+
+
+def test_facelock_refuses_faceless_images_unless_allowed():
+    def first_image_only(images):
+        faces = centre_faces(images)
+        return Faces(faces.index[:1], faces.boxes[:1], faces.landmarks[:1], count=len(images))
+
+    identity = tiny_face_identity()
+    identity.detector = first_image_only
+    x = random_images(2)
+    attack = methods.create("facelock", autoencoder=AUTOENCODERS["tiny"](), face=identity, num_iters=4)
+    with pytest.raises(NoFaceError) as caught:
+        attack(x, seeded(0, 1))
+    assert caught.value.missing == [1]
+    attack.allow_no_face = True
+    x_adv = attack(x, seeded(0, 1))
+    assert (x_adv - x).abs().max() <= attack.eps + 1e-6
+
+
+def test_autoencoder_wrapper_casts_inputs_to_the_model_dtype():
+    ae = as_autoencoder(AUTOENCODERS["kl"]().to(torch.bfloat16))
+    latent = ae.encode(random_images(1))
+    assert latent.dtype == torch.bfloat16 and latent.shape == (1, 4, 16, 16)
+    assert ae.decode(latent).shape == (1, 3, 32, 32)
