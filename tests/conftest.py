@@ -51,7 +51,7 @@ class TinyFaceNet(torch.nn.Module):
         torch.manual_seed(1)
         self.layers = torch.nn.Sequential(
             torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, stride=2),
-            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 32),
+            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 32),
         )
 
     def forward(self, x):

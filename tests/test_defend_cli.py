@@ -1,0 +1,260 @@
+"""defend.py and main_defend.py end to end with a tiny autoencoder saved to disk (CPU, offline)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import defend
+import main_defend
+from conftest import ROOT, export_tiny_onnx_face_model, write_photo
+from utils import ModelUnavailable, UserError, load_image
+
+FAST = ["--num_iters", "3"]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_defaults_equal_the_official_ones():
+    args = defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "encoder"])
+    official = dict(attack_budget=0.03, step_size=0.01, num_iters=100, c=0.03, lr=0.03,
+                    target_model="instruct-pix2pix", model_id="timbrooks/instruct-pix2pix", output_path=None)
+    assert {k: getattr(args, k) for k in official} == official
+    batch = defend.parse_args(main_defend.build_parser(),
+                              ["--image_dir", "a", "--output_dir", "b", "--defend_method", "cw"])
+    assert {k: getattr(batch, k) for k in ("attack_budget", "step_size", "num_iters", "c", "lr")} == \
+        {k: official[k] for k in ("attack_budget", "step_size", "num_iters", "c", "lr")}
+
+
+def test_targeted_flags_and_presets():
+    parse = lambda *extra: defend.parse_args(  # noqa: E731
+        defend.build_parser(), ["--input_path", "a.png", "--defend_method", "encoder", *extra])
+    assert parse().targeted is None  # each method's own default: encoder targeted, cw untargeted
+    assert parse("--untargeted").targeted is False and parse("--targeted").targeted is True
+    paper = parse("--preset", "paper")
+    assert (paper.attack_budget, paper.step_size, paper.num_iters) == (0.02, 0.003, 100)
+    assert parse("--preset", "paper", "--attack_budget", "0.05").attack_budget == 0.05
+    small = parse("--preset", "small")
+    assert (small.vae, small.fr_model, small.lpips) == ("madebyollin/taesd", "sface", "none")
+
+
+@pytest.mark.parametrize("script", ["defend.py", "main_defend.py"])
+def test_help_lists_every_method(script):
+    result = run(script, "--help")
+    assert result.returncode == 0
+    for name in ("encoder", "vae", "cw", "facelock"):
+        assert f"  {name} " in result.stdout
+    assert "--attack_budget" in result.stdout and "--preset" in result.stdout
+
+
+def test_protects_an_odd_sized_photo_within_budget(tmp_path, tiny_vae_dir, capsys):
+    source = write_photo(tmp_path / "photo.jpg", size=(93, 70))
+    before = digest(source)
+    assert defend.main(["--input_path", str(source), "--defend_method", "encoder", "--vae", str(tiny_vae_dir),
+                        *FAST]) == 0
+    output = tmp_path / "photo_protected.png"
+    protected, clean = np.asarray(Image.open(output)), np.asarray(load_image(source))
+    assert protected.shape == clean.shape == (70, 93, 3)
+    assert 0 < np.abs(protected.astype(int) - clean.astype(int)).max() <= 0.03 * 127.5
+    assert digest(source) == before
+    printed = capsys.readouterr().out
+    assert "3.8/255" in printed and "PSNR" in printed
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, tiny_vae_dir, capsys):
+    source = write_photo(tmp_path / "photo.png")
+    output = tmp_path / "out.png"
+    output.write_bytes(b"earlier result")
+    common = ["--input_path", str(source), "--output_path", str(output), "--defend_method", "vae",
+              "--vae", str(tiny_vae_dir), *FAST]
+    assert defend.main(common) == 0
+    assert output.read_bytes() == b"earlier result" and "--overwrite" in capsys.readouterr().out
+    assert defend.main([*common, "--overwrite"]) == 0
+    assert Image.open(output).size == Image.open(source).size
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("not_image", "not an image"),
+    ("truncated", "truncated"),
+    ("tiny", "too small"),
+    ("jpeg_output", "written as PNG"),
+    ("output_is_input", "is the input"),
+    ("missing_vae", "no config.json"),
+])
+def test_bad_input_fails_with_a_clear_error_and_writes_nothing(tmp_path, tiny_vae_dir, case, message):
+    source, output, vae = tmp_path / "in.png", tmp_path / "out.png", str(tiny_vae_dir)
+    if case == "not_image":
+        source.write_text("hello")
+    elif case == "truncated":
+        write_photo(tmp_path / "full.png")
+        source.write_bytes((tmp_path / "full.png").read_bytes()[:2000])
+    elif case == "tiny":
+        write_photo(source, size=(40, 30))
+    elif case != "missing":
+        write_photo(source)
+    if case == "jpeg_output":
+        output = tmp_path / "out.jpg"
+    elif case == "output_is_input":
+        output = source
+    elif case == "missing_vae":
+        vae = str(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UserError, match=message):
+        defend.main(["--input_path", str(source), "--output_path", str(output), "--defend_method", "encoder",
+                     "--vae", vae, *FAST])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("argv", [["--defend_method", "nope"], ["--defend_method", "vae", "--attack_budget", "0"],
+                                  ["--defend_method", "vae", "--attack_budget", "0.5"]])
+def test_bad_options_exit_2(tmp_path, argv):
+    source = write_photo(tmp_path / "in.png")
+    with pytest.raises(SystemExit) as exited:
+        defend.main(["--input_path", str(source), *argv])
+    assert exited.value.code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_a_model_that_cannot_be_had_offline_is_named_in_one_line(tmp_path):
+    source = write_photo(tmp_path / "in.png")
+    result = run("defend.py", "--input_path", str(source), "--defend_method", "encoder", "--vae", "nobody/no-vae",
+                 env={"HF_HUB_OFFLINE": "1", "FACELOCK_ASSETS": ""})
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: cannot load the autoencoder of nobody/no-vae") and "FACELOCK_ASSETS" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_lpips_without_vgg_weights_names_the_file_and_offers_none(tmp_path, tiny_vae_dir, monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = write_photo(tmp_path / "in.png")
+    face = export_tiny_onnx_face_model(tmp_path / "face")
+    with pytest.raises(ModelUnavailable, match=r"vgg16-397923af\.pth.*torch.*--lpips none"):
+        defend.main(["--input_path", str(source), "--defend_method", "facelock", "--vae", str(tiny_vae_dir),
+                     "--fr_model", str(face), "--lpips", "vgg", *FAST])
+    assert not (tmp_path / "in_protected.png").exists()
+
+
+def test_facelock_refuses_a_photo_without_a_face_unless_allowed(tmp_path, tiny_vae_dir):
+    source = write_photo(tmp_path / "noise.png")
+    face = export_tiny_onnx_face_model(tmp_path / "face")
+    argv = ["--input_path", str(source), "--defend_method", "facelock", "--vae", str(tiny_vae_dir),
+            "--fr_model", str(face), "--lpips", "none", *FAST]
+    with pytest.raises(UserError, match="no face found.*--allow_no_face"):
+        defend.main(argv)
+    assert not (tmp_path / "noise_protected.png").exists()
+    assert defend.main([*argv, "--allow_no_face"]) == 0
+    assert (tmp_path / "noise_protected.png").exists()
+
+
+def make_folder(folder: Path) -> Path:
+    folder.mkdir()
+    write_photo(folder / "a.png", size=(80, 64), seed=1)
+    write_photo(folder / "b.jpg", size=(72, 96), seed=2)
+    write_photo(folder / "c.png", size=(80, 64), seed=3)
+    (folder / "broken.png").write_text("not an image")
+    write_photo(folder / "small.png", size=(20, 20))
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def test_main_defend_protects_a_folder_reports_bad_files_and_resumes(tmp_path, tiny_vae_dir, capsys):
+    images, out = make_folder(tmp_path / "photos"), tmp_path / "out"
+    argv = ["--image_dir", str(images), "--output_dir", str(out), "--defend_method", "encoder",
+            "--vae", str(tiny_vae_dir), "--batch_size", "2", *FAST]
+    assert main_defend.main(argv) == 1  # two bad files
+    folder = out / "budget_0.03"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["a.png", "b.png", "c.png"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["images"]) == {"a.png", "b.png", "c.png"}
+    for name, entry in manifest["images"].items():
+        assert entry["linf_255"] <= 3 and entry["psnr"] > 30 and entry["seconds"] > 0
+        protected = np.asarray(Image.open(folder / name))
+        assert protected.shape == np.asarray(load_image(entry["source"])).shape
+    assert manifest["parameters"]["attack_budget"] == 0.03 and "torch" in manifest["versions"]
+    assert set(manifest["failed"]) == {str(images / "broken.png"), str(images / "small.png")}
+    printed = capsys.readouterr().out
+    assert "protected 3" in printed and "failed 2" in printed and "broken.png" in printed
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    assert main_defend.main(argv) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == stamps
+    assert "3 already protected" in capsys.readouterr().out
+    assert set(json.loads((folder / "manifest.json").read_text())["images"]) == {"a.png", "b.png", "c.png"}
+
+    assert main_defend.main([*argv, "--overwrite"]) == 1
+    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in folder.glob("*.png"))
+
+
+def test_main_defend_same_image_same_result_alone_or_in_a_batch(tmp_path, tiny_vae_dir):
+    images = make_folder(tmp_path / "photos")
+    common = ["--image_dir", str(images), "--defend_method", "encoder", "--vae", str(tiny_vae_dir), *FAST]
+    main_defend.main([*common, "--output_dir", str(tmp_path / "one")])
+    main_defend.main([*common, "--output_dir", str(tmp_path / "two"), "--batch_size", "2"])
+    for name in ("a.png", "b.png", "c.png"):
+        one = np.asarray(Image.open(tmp_path / "one" / "budget_0.03" / name)).astype(int)
+        two = np.asarray(Image.open(tmp_path / "two" / "budget_0.03" / name)).astype(int)
+        assert np.mean(one == two) > 0.99  # float32 convolutions round differently in a batch
+
+
+def test_main_defend_refuses_to_write_into_its_input_folder(tmp_path, tiny_vae_dir):
+    images = make_folder(tmp_path / "budget_0.03")
+    with pytest.raises(UserError, match="is the input folder"):
+        main_defend.main(["--image_dir", str(images), "--output_dir", str(tmp_path), "--defend_method", "vae",
+                          "--vae", str(tiny_vae_dir)])
+
+
+def test_main_defend_names_colliding_outputs(tmp_path, tiny_vae_dir):
+    images = tmp_path / "photos"
+    images.mkdir()
+    write_photo(images / "x.jpg")
+    write_photo(images / "x.png", seed=5)
+    out = tmp_path / "out"
+    assert main_defend.main(["--image_dir", str(images), "--output_dir", str(out), "--defend_method", "vae",
+                             "--vae", str(tiny_vae_dir), *FAST]) == 1
+    manifest = json.loads((out / "budget_0.03" / "manifest.json").read_text())
+    assert manifest["images"]["x.png"]["source"] == str(images / "x.jpg")
+    assert "same output name" in manifest["failed"][str(images / "x.png")]
+
+
+def test_parallel_processes_split_the_folder(tmp_path, tiny_vae_dir):
+    images = make_folder(tmp_path / "photos")
+    common = ["--image_dir", str(images), "--defend_method", "encoder", "--vae", str(tiny_vae_dir), "--device",
+              "cpu", *FAST]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "main_defend.py"), *common, "--output_dir", str(tmp_path / "two")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1, result.stderr  # the two bad files
+    assert "5 to do in 2 processes" in result.stdout and "protected 3" in result.stdout
+    folder = tmp_path / "two" / "budget_0.03"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["images"]) == {"a.png", "b.png", "c.png"} and len(manifest["failed"]) == 2
+    assert not list(folder.glob("manifest.part*"))
+    main_defend.main([*common, "--output_dir", str(tmp_path / "one")])
+    for name in manifest["images"]:
+        one = np.asarray(Image.open(tmp_path / "one" / "budget_0.03" / name)).astype(int)
+        two = np.asarray(Image.open(folder / name)).astype(int)
+        assert np.mean(one == two) > 0.99

@@ -1,0 +1,335 @@
+"""What the scripts share: image I/O at the edges, atomic writes, seeds, devices, model loading and user errors.
+
+Inside the project images are `N x 3 x H x W` float tensors in `[-1, 1]`; this module converts from and to files.
+It is also the one place that reads the `FACELOCK_ASSETS` environment variable (a local model folder laid out
+like `../shared/assets/`, used where the Hugging Face hub cannot be reached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MIN_SIDE = 64
+#: PIL's own decompression-bomb limit; larger files are refused rather than decoded.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+ASSETS_ENV = "FACELOCK_ASSETS"
+#: Models with a copy in a FACELOCK_ASSETS folder, by name.
+LOCAL_COPIES = {
+    "madebyollin/taesd": "models/taesd",
+    "sface": "models/sface/model.onnx",
+    "mobilefacenet": "models/mobilefacenet/model.onnx",
+}
+SFACE_URL = "https://github.com/opencv/opencv_zoo/raw/main/models/face_recognition_sface/face_recognition_sface_2021dec.onnx"
+VERSIONED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "facenet-pytorch", "lpips", "onnx2torch",
+                      "accelerate", "numpy", "pillow", "scikit-image")
+
+
+class UserError(Exception):
+    """A problem the user can fix; scripts print its one-line message and exit with status 2."""
+
+
+class InputError(UserError):
+    """An input file that cannot be used."""
+
+
+class ModelUnavailable(UserError):
+    """A model that cannot be loaded (offline, wrong path)."""
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Run a script's `main`, turning a `UserError` into one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "huggingface_hub", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept and a rerun resumes", file=sys.stderr)
+        sys.exit(130)
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB with its EXIF orientation applied.
+
+    Grayscale and palette images become RGB, transparency is composited onto white, 16-bit and float images are
+    scaled to 8 bits. Raises `InputError` for a missing, unreadable, truncated, too small or too large file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: image too large (over {MAX_PIXELS / 1e6:.0f} megapixels)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{path}: unreadable or truncated image ({error})") from None
+    if min(image.size) < MIN_SIDE:
+        raise InputError(f"{path}: image too small ({image.width}x{image.height}); need at least {MIN_SIDE} px a side")
+    return to_rgb8(image)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.max() <= 1.0:
+            peak = 1.0
+        image = Image.fromarray(np.clip(array / peak * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB image to a `1 x 3 x H x W` float32 tensor in `[-1, 1]`."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """`3 x H x W` or `1 x 3 x H x W` tensor in `[-1, 1]` to an `H x W x 3` uint8 array (rounded)."""
+    x = x.detach().float().cpu().reshape(-1, *x.shape[-2:])
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float) -> np.ndarray:
+    """Round a protected image to 8 bits without leaving the budget: each pixel moves from the clean 8-bit value
+    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units)."""
+    levels = int(np.floor(eps * 127.5 + 1e-6))
+    adversarial = (x_adv.detach().float().cpu().reshape(-1, *x_adv.shape[-2:]).permute(1, 2, 0).numpy() + 1) * 127.5
+    delta = np.clip(np.round(adversarial - clean.astype(np.float64)), -levels, levels)
+    return np.clip(clean.astype(np.int64) + delta, 0, 255).astype(np.uint8)
+
+
+def linf_255(a: np.ndarray, b: np.ndarray) -> int:
+    """L-infinity distance between two uint8 images, in 1/255 units."""
+    return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    return float(peak_signal_noise_ratio(a, b, data_range=255)) if not np.array_equal(a, b) else float("inf")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; other files are ignored."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then move it into place in one step, so a reader
+    (or a crash) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: Image.fromarray(array, "RGB").save(tmp, format="PNG"))
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# --------------------------------------------------------------------------------------- seeds, devices
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed determined by `parts` (e.g. run seed, prompt index, image name), independent of the order
+    in which work is done or split between processes."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """A CPU generator, so that a CPU and a GPU run draw the same random numbers."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Model dtype: `auto` is float16 on CUDA (as the official code) and float32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+def local_copy(name: str) -> Path | None:
+    """The copy of model `name` in the FACELOCK_ASSETS folder, if that variable is set and the copy exists."""
+    root = os.environ.get(ASSETS_ENV)
+    if not root or name not in LOCAL_COPIES:
+        return None
+    path = Path(root) / LOCAL_COPIES[name]
+    return path if path.exists() else None
+
+
+def _offline_hint(name: str) -> str:
+    return (f"download it on a connected machine (it is then cached), pass a local folder instead, or set "
+            f"{ASSETS_ENV} to a model folder" + (f" holding {LOCAL_COPIES[name]}" if name in LOCAL_COPIES else ""))
+
+
+def load_autoencoder(spec: str | None, model_id: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The diffusers autoencoder to attack: `spec` (hub id or local folder, e.g. `madebyollin/taesd`), or by
+    default the `vae` subfolder of the editor `model_id`. A FACELOCK_ASSETS copy is preferred where there is one;
+    the hub cache is tried before the network."""
+    from diffusers import AutoModel
+
+    name, subfolder = (spec, None) if spec else (model_id, "vae")
+    source = local_copy(name) or name
+    if Path(source).is_dir():
+        location = Path(source) / (subfolder or "")
+        if not (location / "config.json").is_file():
+            raise ModelUnavailable(f"{location} has no config.json; point --vae at a diffusers autoencoder folder")
+        vae = AutoModel.from_pretrained(str(location), torch_dtype=dtype)
+    else:
+        vae = None
+        for local_only in (True, False):
+            try:
+                vae = AutoModel.from_pretrained(str(source), subfolder=subfolder, local_files_only=local_only,
+                                                torch_dtype=dtype)
+                break
+            except (OSError, ValueError) as error:
+                reason = str(error).splitlines()[0]
+        if vae is None:
+            what = f"the autoencoder of {name}" + (f" ({subfolder}/)" if subfolder else "")
+            raise ModelUnavailable(f"cannot load {what} ({reason}); {_offline_hint(name)}")
+    if not (hasattr(vae, "encode") and hasattr(vae, "decode")):
+        raise ModelUnavailable(f"{name} is a {type(vae).__name__}, not an autoencoder")
+    return vae.to(device).eval()
+
+
+def load_face_identity(spec: str, device: torch.device, keep: str = "largest") -> torch.nn.Module:
+    """Face detection, alignment and recognition for `--fr_model`: `facenet`, `sface`, `mobilefacenet`,
+    `adaface`, or a path to an ONNX face model (with a `model.json` contract beside it)."""
+    from methods.faces import FaceDetector, FaceIdentity, load_adaface, load_facenet, load_onnx_embedder
+
+    try:
+        if spec == "facenet":
+            embedder = load_facenet()
+        elif spec == "adaface":
+            embedder = load_adaface()
+        elif spec in ("sface", "mobilefacenet"):
+            embedder = load_onnx_embedder(local_copy(spec) or _download_onnx_face(spec))
+        elif spec.endswith(".onnx"):
+            embedder = load_onnx_embedder(spec)
+        else:
+            raise ModelUnavailable(f"unknown --fr_model {spec!r}; use facenet, sface, mobilefacenet, adaface or a "
+                                   f"path to an .onnx face model")
+    except FileNotFoundError as error:
+        raise ModelUnavailable(str(error)) from None
+    except OSError as error:  # downloads: urllib's URLError, hub errors
+        raise ModelUnavailable(f"cannot load face model {spec!r} ({str(error).splitlines()[0]}); "
+                               f"{_offline_hint(spec)}") from None
+    return FaceIdentity(embedder.to(device).eval(), FaceDetector(keep=keep))
+
+
+def _download_onnx_face(name: str) -> Path:
+    """SFace from the OpenCV model zoo, cached under torch's hub folder with its `model.json`."""
+    if name != "sface":
+        raise FileNotFoundError(f"{name} has no public download; set {ASSETS_ENV} to a folder holding "
+                                f"{LOCAL_COPIES[name]} or pass the .onnx path to --fr_model")
+    folder = Path(torch.hub.get_dir()) / "facelock" / name
+    path = folder / "model.onnx"
+    if not path.is_file():
+        logger.info("downloading %s to %s", SFACE_URL, path)
+        atomic_write(path, lambda tmp: torch.hub.download_url_to_file(SFACE_URL, str(tmp), progress=True))
+        write_json({"name": "sface", "input_size": [112, 112], "input_range": [0, 255], "channel_order": "RGB",
+                    "alignment": "arcface", "source": SFACE_URL}, folder / "model.json")
+    return path
+
+
+def load_perceptual(spec: str, device: torch.device) -> torch.nn.Module | None:
+    """FaceLock's perceptual term: `vgg` (LPIPS-VGG, as the paper) or `none`."""
+    if spec == "none":
+        return None
+    from methods.perceptual import load_lpips_vgg
+
+    try:
+        return load_lpips_vgg().to(device)
+    except FileNotFoundError as error:
+        raise ModelUnavailable(str(error)) from None
+
+
+# --------------------------------------------------------------------------------------------- protect
+
+def protect_tensor(attack: Callable, x: torch.Tensor, generators: list[torch.Generator], max_size: int = 0,
+                   multiple: int = 8) -> torch.Tensor:
+    """Run `attack` on images of any size: padded (edge pixels repeated) to a multiple of `multiple` for the
+    autoencoder, and, where the long side exceeds `max_size` (0: never), attacked at that size with the
+    perturbation resized back. Returns the protected batch at the input's size, within the attack's budget."""
+    height, width = x.shape[-2:]
+    scale = max_size / max(height, width) if max_size and max(height, width) > max_size else 1.0
+    work = x
+    if scale < 1:
+        size = (max(round(height * scale), 1), max(round(width * scale), 1))
+        work = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+    h, w = work.shape[-2:]
+    padded = F.pad(work, (0, -w % multiple, 0, -h % multiple), mode="replicate")
+    delta = (attack(padded, generators) - padded)[..., :h, :w]
+    if scale < 1:
+        delta = F.interpolate(delta, size=(height, width), mode="bilinear", align_corners=False)
+    return (x + delta.clamp(-attack.eps, attack.eps)).clamp(-1, 1)
