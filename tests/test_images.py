@@ -1,0 +1,83 @@
+"""Image I/O at the edges: modes, orientation, 8-bit rounding within the budget, any size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import methods
+from conftest import AUTOENCODERS, random_images
+from utils import derive_seed, load_image, pil_to_tensor, protect_tensor, quantize_within, tensor_to_uint8
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    array = np.zeros((70, 100, 3), dtype=np.uint8)
+    array[:, :50] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    Image.fromarray(array).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    image = load_image(tmp_path / "rotated.jpg")
+    assert image.size == (70, 100)
+    top, bottom = np.asarray(image)[:40].mean(), np.asarray(image)[60:].mean()
+    assert top > 200 and bottom < 50  # the white left half is now on top
+
+
+def test_transparency_is_composited_onto_white(tmp_path):
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[:, :32] = [255, 0, 0, 255]  # opaque red; the right half is transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    array = np.asarray(load_image(tmp_path / "a.png"))
+    assert array[0, 0].tolist() == [255, 0, 0] and array[0, 63].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "LA", "CMYK"])
+def test_other_8bit_modes_become_rgb(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    path = tmp_path / ("a.jpg" if mode == "CMYK" else "a.png")
+    rgb.convert(mode).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (80, 64)
+
+
+def test_16bit_images_are_scaled_to_8_bits(tmp_path):
+    array = np.array([[0, 257 * 128, 65535] * 30] * 70, dtype=np.uint16)
+    Image.fromarray(array).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    out = np.asarray(load_image(tmp_path / "deep.png"))
+    assert out[0, :3, 0].tolist() == [0, 128, 255] and out.shape == (70, 90, 3)
+
+
+def test_tensor_round_trip_is_exact():
+    array = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    x = pil_to_tensor(Image.fromarray(array))
+    assert x.shape == (1, 3, 70, 90) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(tensor_to_uint8(x), array)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.02, 0.03, 0.0314, 0.1])
+def test_rounding_never_leaves_the_budget(eps):
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()
+    x = torch.from_numpy(clean).permute(2, 0, 1).float() / 127.5 - 1
+    x_adv = (x + (torch.rand(x.shape, generator=generator) * 2 - 1) * eps).clamp(-1, 1)
+    out = quantize_within(x_adv, clean, eps)
+    distance = np.abs(out.astype(int) - clean.astype(int))
+    assert distance.max() <= eps * 127.5
+    assert distance.max() == int(np.floor(eps * 127.5 + 1e-6))  # and uses all of it
+
+
+def test_derived_seeds_are_stable_and_distinct():
+    assert derive_seed(0, "a") == derive_seed(0, "a")
+    assert len({derive_seed(0, "a"), derive_seed(1, "a"), derive_seed(0, "b"), derive_seed(0, 1, "a")}) == 4
+    assert 0 <= derive_seed("x") < 2**63
+
+
+@pytest.mark.parametrize("size, max_size", [((37, 53), 0), ((64, 96), 48)])
+def test_any_size_is_protected_at_its_own_size_within_budget(size, max_size):
+    x = random_images(1, size=96)[..., :size[0], :size[1]]
+    attack = methods.create("encoder", autoencoder=AUTOENCODERS["tiny"](), num_iters=3)
+    x_adv = protect_tensor(attack, x, [torch.Generator().manual_seed(0)], max_size=max_size)
+    assert x_adv.shape == x.shape
+    assert (x_adv - x).abs().max() <= attack.eps + 1e-6 and (x_adv - x).abs().max() > 0.005
