@@ -105,12 +105,17 @@ def test_facelock_breaks_identity_for_a_model_it_never_saw(assets, taesd, identi
     assert protected < unprotected - 0.3
 
 
-def test_defend_small_preset_runs_offline_on_a_real_photo(assets, tmp_path, capsys):
+@pytest.mark.parametrize("how", ["preset", "paths"])
+def test_defend_protects_a_real_photo_offline(assets, tmp_path, capsys, how):
     source = tmp_path / "obama.png"
     Image.open(assets / "faces" / "obama" / "obama2.jpg").convert("RGB").save(source)
-    assert defend.main(["--input_path", str(source), "--defend_method", "facelock", "--preset", "small",
+    models = (["--preset", "small"] if how == "preset" else
+              ["--vae", str(assets / "models" / "taesd"), "--fr_model", str(assets / "models/sface/model.onnx"),
+               "--lpips", "none"])
+    assert defend.main(["--input_path", str(source), "--defend_method", "facelock", *models,
                         "--num_iters", "4", "--max_size", "256"]) == 0
     printed = capsys.readouterr().out
-    assert "LPIPS term off (--lpips none)" in printed and "face model sface" in printed
+    assert "LPIPS term off (--lpips none)" in printed and "sface" in printed
     protected = np.asarray(Image.open(tmp_path / "obama_protected.png")).astype(int)
-    assert np.abs(protected - np.asarray(Image.open(source)).astype(int)).max() <= 3
+    clean = np.asarray(Image.open(source)).astype(int)
+    assert protected.shape == clean.shape and 0 < np.abs(protected - clean).max() <= 3

@@ -1,0 +1,120 @@
+"""Face alignment, embedders and the FaceIdentity component with tiny random networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.transform import SimilarityTransform, warp
+
+from conftest import TinyFaceNet, centre_faces, export_tiny_onnx_face_model, random_images, tiny_face_identity
+from methods.faces import ARCFACE_TEMPLATE, FaceEmbedder, FaceIdentity, Faces, crop_faces, load_onnx_embedder, read_contract
+
+
+def test_alignment_matches_a_reference_warp_and_passes_gradients():
+    images = random_images(2, size=96)
+    faces = centre_faces(images)
+    embedder = FaceEmbedder(TinyFaceNet(), size=(112, 112))
+    matrices = embedder.matrices(faces)
+    images.requires_grad_(True)
+    crops = crop_faces(images, faces, matrices, (112, 112))
+    assert crops.shape == (2, 3, 112, 112)
+
+    # the same similarity warp done by scikit-image (bilinear, pixel centres at integers, black outside)
+    tf = SimilarityTransform.from_estimate(faces.landmarks[0].double().numpy(), ARCFACE_TEMPLATE)
+    picture = (images[0].detach().permute(1, 2, 0).numpy() + 1) / 2
+    expected = warp(picture, tf.inverse, output_shape=(112, 112), order=1, mode="constant", cval=0)
+    ours = (crops[0].detach().permute(1, 2, 0).numpy() + 1) / 2
+    assert np.abs(ours - expected)[4:-4, 4:-4].max() < 1e-4
+
+    crops[0].sum().backward()
+    grad = images.grad[0].abs().sum(dim=0)
+    box = faces.boxes[0].int().tolist()
+    assert (grad[box[1]:box[3], box[0]:box[2]] > 0).float().mean() > 0.9  # the face region gets gradient
+    assert grad[:5, :5].sum() == 0 and images.grad[1].abs().sum() == 0  # outside the crop, and other images, not
+
+
+def test_box_alignment_crops_the_detector_box():
+    images = random_images(1, size=64)
+    faces = Faces(index=torch.tensor([0]), boxes=torch.tensor([[16.0, 8.0, 48.0, 56.0]]),
+                  landmarks=torch.zeros(1, 5, 2), count=1)
+    embedder = FaceEmbedder(TinyFaceNet(), size=(48, 32), alignment="box")
+    crops = crop_faces(images, faces, embedder.matrices(faces), embedder.size)
+    assert torch.allclose(crops[0], images[0, :, 8:56, 16:48], atol=1e-5)  # a 1:1 box is an exact crop
+
+
+def test_reference_detects_once_and_the_attack_reuses_its_landmarks():
+    identity, calls = tiny_face_identity(), []
+    detect = identity.detector
+    identity.detector = lambda images: calls.append(len(images)) or detect(images)
+    x = random_images(2)
+    reference = identity.reference(x)
+    assert calls == [2]
+    similarity = identity(x, reference)
+    assert calls == [2]
+    assert torch.allclose(similarity, torch.ones(2), atol=1e-5)
+    other = identity(random_images(2, seed=5), reference)
+    assert (other < 1 - 1e-4).all()  # a random network still tells other pixels apart
+
+
+def test_all_faces_are_summed_and_faceless_images_score_zero():
+    def two_faces_in_image_0(images):
+        faces = centre_faces(images[:1])
+        shifted = faces.landmarks + 2
+        return Faces(index=torch.tensor([0, 0]), boxes=faces.boxes.repeat(2, 1),
+                     landmarks=torch.cat([faces.landmarks, shifted]), count=len(images))
+
+    identity = FaceIdentity(tiny_face_identity().embedder, two_faces_in_image_0)
+    x = random_images(2)
+    reference = identity.reference(x)
+    assert reference.found.tolist() == [True, False]
+    assert torch.allclose(identity(x, reference), torch.tensor([2.0, 0.0]), atol=1e-5)
+
+
+def test_embeddings_are_unit_vectors_and_follow_the_input_contract():
+    crops = random_images(3, size=32)
+    for input_range, bgr in [((0, 255), False), ((-1, 1), True)]:
+        embedder = FaceEmbedder(TinyFaceNet(), size=(32, 32), input_range=input_range, bgr=bgr)
+        assert torch.allclose(embedder(crops).norm(dim=1), torch.ones(3))
+    seen = []
+    network = TinyFaceNet()
+    network.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    FaceEmbedder(network, size=(32, 32), input_range=(0, 255), bgr=True)(crops)
+    assert torch.allclose(seen[0], ((crops + 1) * 127.5).flip(1))
+
+
+def test_model_cards_are_read_in_keys_or_words():
+    words = {"input": "float32 RGB in 0..255, N x 3 x 112 x 112",
+             "alignment": "5-point similarity transform onto the ArcFace 112x112 template"}
+    assert read_contract(words) == {"size": (112, 112), "input_range": (0.0, 255.0), "bgr": False,
+                                    "alignment": "arcface"}
+    keys = {"input_size": [128, 128], "input_range": [-1, 1], "channel_order": "BGR", "alignment": "box"}
+    assert read_contract(keys) == {"size": (128, 128), "input_range": (-1, 1), "bgr": True, "alignment": "box"}
+    assert read_contract({"input": "BGR in -1..1"})["input_range"] == (-1.0, 1.0)
+
+
+def test_onnx_face_models_load_with_their_card(tmp_path):
+    path = export_tiny_onnx_face_model(tmp_path / "tiny")
+    embedder = load_onnx_embedder(path)
+    assert embedder.name == "tiny" and embedder.size == (112, 112) and embedder.input_range == (0.0, 255.0)
+    crops = random_images(2, size=112)
+    reference = TinyFaceNet()((crops + 1) * 127.5)
+    assert torch.allclose(embedder(crops), torch.nn.functional.normalize(reference), atol=1e-5)
+    with pytest.raises(FileNotFoundError):
+        load_onnx_embedder(tmp_path / "missing.onnx")
+
+
+def test_facenet_loader_with_a_random_inception_resnet(monkeypatch):
+    import facenet_pytorch
+
+    from methods.faces import load_facenet
+
+    asked = []
+    real = facenet_pytorch.InceptionResnetV1
+    monkeypatch.setattr(facenet_pytorch, "InceptionResnetV1",
+                        lambda pretrained=None: asked.append(pretrained) or real(pretrained=None))
+    identity = FaceIdentity(load_facenet(), centre_faces)
+    assert asked == ["vggface2"] and identity.embedder.alignment == "box" and identity.embedder.size == (160, 160)
+    with torch.no_grad():
+        embeddings, faces, _ = identity.embed(random_images(1, size=96))
+    assert embeddings.shape == (1, 512) and torch.allclose(embeddings.norm(dim=1), torch.ones(1))
