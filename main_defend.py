@@ -11,13 +11,10 @@ without stopping the others. `accelerate launch main_defend.py ...` splits the f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from itertools import groupby
 from pathlib import Path
 from typing import Sequence
 
-from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -33,21 +30,20 @@ from defend import (
 )
 from methods.faces import NoFaceError
 from utils import (
+    BatchRun,
     InputError,
     UserError,
+    batches_by_size,
     derive_seed,
     list_images,
     load_image,
-    package_versions,
     pick_device,
     run_script,
     same_file,
     save_png,
-    write_json,
 )
 
 logger = logging.getLogger("main_defend")
-MANIFEST = "manifest.json"
 
 
 def output_folder(args: argparse.Namespace) -> Path:
@@ -69,15 +65,6 @@ def plan(sources: list[Path], folder: Path, overwrite: bool) -> tuple[list[tuple
     return pending, refused
 
 
-def read_images(folder: Path) -> dict:
-    """Per-image records of earlier runs, including the parts left by processes of an interrupted parallel run."""
-    images = {}
-    for path in [folder / MANIFEST, *sorted(folder.glob("manifest.part*.json"))]:
-        if path.is_file():
-            images.update(json.loads(path.read_text()).get("images", {}))
-    return images
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = create_argparser(__doc__.split("\n\n")[0])
     parser.add_argument("--image_dir", required=True, help="folder of photos to protect")
@@ -85,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1, help="same-size images protected per forward pass")
     add_protection_arguments(parser)
     return parser
+
+
+#: Parameters that decide the result; a folder made with other values is refused.
+DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters", "targeted", "c", "lr", "seed",
+            "target_model", "model_id", "vae", "fr_model", "faces", "allow_no_face", "lpips", "max_size")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,56 +91,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sources:
         raise UserError(f"no images in {image_dir}")
 
-    state = PartialState(cpu=args.device == "cpu")  # CPU processes (e.g. under torchrun) talk over gloo
-    device = pick_device(args.device) if args.device != "auto" else state.device
+    run = BatchRun(folder, vars(args), DEFINING, args.overwrite, cpu=args.device == "cpu")
+    device = pick_device(args.device) if args.device != "auto" else run.state.device
     pending, refused = plan(sources, folder, args.overwrite)
+    for source, reason in refused.items():
+        run.fail(source, reason)
     finished = len(sources) - len(pending) - len(refused)
-    mine = pending[state.process_index::state.num_processes]
-    manifest = {"parameters": vars(args), "versions": package_versions(), "images": read_images(folder),
-                "failed": dict(refused)}
-    part = folder / (MANIFEST if state.num_processes == 1 else f"manifest.part{state.process_index}.json")
-
-    if state.is_main_process:
+    mine = run.mine(pending)
+    if run.is_main:
         print(f"{len(sources)} images in {image_dir}: {finished} already protected, {len(pending)} to do"
-              + (f" in {state.num_processes} processes" if state.num_processes > 1 else "") + f"; output {folder}")
-    attack = build_attack(args, device, progress=state.is_main_process) if mine else None
-    if attack is not None and state.is_main_process:
+              + (f" in {run.state.num_processes} processes" if run.state.num_processes > 1 else "")
+              + f"; output {folder}")
+    attack = build_attack(args, device, progress=run.is_main) if mine else None
+    if attack is not None and run.is_main:
         print(f"{describe_attack(args, attack)} on {device}")
 
-    bar = tqdm(total=len(mine), desc="images", unit="img", disable=not state.is_main_process)
+    bar = tqdm(total=len(mine), desc="images", unit="img", disable=not run.is_main)
     loaded = []
     for source, output in mine:
         try:
             loaded.append((source, output, load_image(source)))
         except InputError as error:
-            manifest["failed"][str(source)] = str(error)
+            run.fail(str(source), str(error))
             bar.update(1)
-    loaded.sort(key=lambda item: item[2].size)  # stable: by name within a size
-    for _, group in groupby(loaded, key=lambda item: item[2].size):
-        group = list(group)
-        for start in range(0, len(group), args.batch_size):
-            batch = group[start:start + args.batch_size]
-            protect_batch(attack, batch, args, device, manifest)
-            write_json(manifest, part)
-            bar.update(len(batch))
+    for batch in batches_by_size(loaded, lambda item: item[2].size, args.batch_size):
+        protect_batch(attack, batch, args, device, run)
+        run.save()
+        bar.update(len(batch))
     bar.close()
-    write_json(manifest, part)
 
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    manifest = run.finish()
+    if manifest is None:
         return 0
-    for leftover in sorted(folder.glob("manifest.part*.json")):
-        other = json.loads(leftover.read_text())
-        manifest["images"].update(other["images"])
-        manifest["failed"].update(other["failed"])
-    write_json(manifest, folder / MANIFEST)
-    for leftover in folder.glob("manifest.part*.json"):
-        leftover.unlink()
-    return summarize(manifest, pending, finished, folder)
+    protected = sum(output.exists() for _, output in pending)
+    if manifest["outputs"]:
+        worst = max(entry["linf_255"] for entry in manifest["outputs"].values())
+        print(f"largest L-inf {worst}/255 (budget {budget_in_255(args.attack_budget)})")
+    return run.report(f"protected {protected}, already done {finished}", folder)
 
 
 def protect_batch(attack, batch: list[tuple[Path, Path, Image.Image]], args: argparse.Namespace, device,
-                  manifest: dict) -> None:
+                  run: BatchRun) -> None:
     """Protect one batch and record each image's result or failure. An image without a face is set aside and the
     rest of the batch protected without it; any other failure of the batch is recorded for each of its images."""
     while batch:
@@ -157,29 +140,17 @@ def protect_batch(attack, batch: list[tuple[Path, Path, Image.Image]], args: arg
             results = protect_images(attack, [image for _, _, image in batch], seeds, device, args.max_size)
         except NoFaceError as error:
             for i in sorted(error.missing, reverse=True):
-                manifest["failed"][str(batch.pop(i)[0])] = f"no face found ({NO_FACE_HINT})"
+                run.fail(str(batch.pop(i)[0]), f"no face found ({NO_FACE_HINT})")
             continue
         except RuntimeError as error:  # e.g. out of memory on a large photo
             logger.exception("protecting %s failed", ", ".join(str(s) for s, _, _ in batch))
             for source, _, _ in batch:
-                manifest["failed"][str(source)] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                run.fail(str(source), f"{type(error).__name__}: {str(error).splitlines()[0]}")
             return
         for (source, output, _), (protected, stats) in zip(batch, results):
             save_png(protected, output)
-            manifest["images"][output.name] = {"source": str(source), **stats}
+            run.record(output.name, {"source": str(source), **stats})
         return
-
-
-def summarize(manifest: dict, pending: list[tuple[Path, Path]], finished: int, folder: Path) -> int:
-    failed = manifest["failed"]
-    protected = sum(output.exists() for _, output in pending)
-    print(f"protected {protected}, already done {finished}, failed {len(failed)}; outputs and {MANIFEST} in {folder}")
-    for source, reason in sorted(failed.items()):
-        print(f"  failed: {source}: {reason}")
-    if manifest["images"]:
-        worst = max(entry["linf_255"] for entry in manifest["images"].values())
-        print(f"largest L-inf {worst}/255 (budget {budget_in_255(manifest['parameters']['attack_budget'])})")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

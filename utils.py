@@ -16,7 +16,8 @@ import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from itertools import groupby
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -142,6 +143,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(peak_signal_noise_ratio(a, b, data_range=255)) if not np.array_equal(a, b) else float("inf")
 
 
+def batches_by_size(items: list, size_of: Callable[[Any], Any], batch_size: int) -> Iterator[list]:
+    """Consecutive batches of at most `batch_size` items of the same size (by name order within a size)."""
+    ordered = sorted(items, key=size_of)  # stable
+    for _, group in groupby(ordered, key=size_of):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name; other files are ignored."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -184,6 +194,79 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+class BatchRun:
+    """The bookkeeping of a batch job, which `accelerate launch` or `torchrun` may split between processes.
+
+    Each process records its outputs and failures in its own manifest part as it goes, so an interrupted run
+    keeps what it did; the main process merges the parts into `manifest.json` at the end. A folder holding results
+    made with different `defining` parameters is refused, unless `overwrite`.
+    """
+
+    def __init__(self, folder: Path, parameters: dict, defining: Sequence[str], overwrite: bool, cpu: bool) -> None:
+        from accelerate import PartialState
+
+        self.state = PartialState(cpu=cpu)  # with cpu=True, CPU processes (e.g. under torchrun) talk over gloo
+        self.folder = folder
+        earlier = self._read()
+        changed = [k for k in defining if earlier.get("parameters") and earlier["parameters"].get(k) != parameters[k]]
+        if changed and not overwrite:
+            before = ", ".join(f"--{k} {earlier['parameters'].get(k)}" for k in changed)
+            raise UserError(f"{folder} holds results made with {before}; use another output folder or --overwrite")
+        self.manifest = {"parameters": parameters, "versions": package_versions(),
+                         "outputs": {} if overwrite else earlier.get("outputs", {}), "failed": {}}
+        multi = self.state.num_processes > 1
+        self.part = folder / (f"manifest.part{self.state.process_index}.json" if multi else "manifest.json")
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def mine(self, work: list) -> list:
+        """This process's share of `work`."""
+        return work[self.state.process_index::self.state.num_processes]
+
+    def record(self, key: str, entry: dict) -> None:
+        self.manifest["outputs"][key] = entry
+
+    def fail(self, key: str, reason: str) -> None:
+        self.manifest["failed"][key] = reason
+
+    def save(self) -> None:
+        write_json(self.manifest, self.part)
+
+    def finish(self) -> dict | None:
+        """Wait for every process; on the main process merge the parts and return the whole manifest."""
+        self.save()
+        self.state.wait_for_everyone()
+        if not self.is_main:
+            return None
+        for part in sorted(self.folder.glob("manifest.part*.json")):
+            other = json.loads(part.read_text())
+            self.manifest["outputs"].update(other["outputs"])
+            self.manifest["failed"].update(other["failed"])
+        write_json(self.manifest, self.folder / "manifest.json")
+        for part in self.folder.glob("manifest.part*.json"):
+            part.unlink()
+        return self.manifest
+
+    def report(self, counts: str, folder: Path) -> int:
+        """Print the run's counts and every failure; the exit status is 1 if anything failed."""
+        failed = self.manifest["failed"]
+        print(f"{counts}, failed {len(failed)}; outputs and manifest.json in {folder}")
+        for key, reason in sorted(failed.items()):
+            print(f"  failed: {key}: {reason}")
+        return 1 if failed else 0
+
+    def _read(self) -> dict:
+        merged: dict = {}
+        for path in [self.folder / "manifest.json", *sorted(self.folder.glob("manifest.part*.json"))]:
+            if path.is_file():
+                data = json.loads(path.read_text())
+                merged.setdefault("parameters", data.get("parameters"))
+                merged.setdefault("outputs", {}).update(data.get("outputs", {}))
+        return merged
 
 
 # --------------------------------------------------------------------------------------- seeds, devices
@@ -232,31 +315,34 @@ def _offline_hint(name: str) -> str:
             f"{ASSETS_ENV} to a model folder" + (f" holding {LOCAL_COPIES[name]}" if name in LOCAL_COPIES else ""))
 
 
-def load_autoencoder(spec: str | None, model_id: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The diffusers autoencoder to attack: `spec` (hub id or local folder, e.g. `madebyollin/taesd`), or by
-    default the `vae` subfolder of the editor `model_id`. A FACELOCK_ASSETS copy is preferred where there is one;
-    the hub cache is tried before the network."""
-    from diffusers import AutoModel
-
-    name, subfolder = (spec, None) if spec else (model_id, "vae")
+def load_pretrained(load: Callable[..., Any], name: str, what: str, marker: str = "config.json",
+                    subfolder: str | None = None, **kwargs: Any) -> Any:
+    """`load(source, ...)` for a diffusers/transformers `from_pretrained`, where `name` is a local folder, a model
+    with a FACELOCK_ASSETS copy, or a hub id (the hub cache is tried before the network). Raises
+    `ModelUnavailable` naming `what` and how to get it offline."""
     source = local_copy(name) or name
     if Path(source).is_dir():
         location = Path(source) / (subfolder or "")
-        if not (location / "config.json").is_file():
-            raise ModelUnavailable(f"{location} has no config.json; point --vae at a diffusers autoencoder folder")
-        vae = AutoModel.from_pretrained(str(location), torch_dtype=dtype)
-    else:
-        vae = None
-        for local_only in (True, False):
-            try:
-                vae = AutoModel.from_pretrained(str(source), subfolder=subfolder, local_files_only=local_only,
-                                                torch_dtype=dtype)
-                break
-            except (OSError, ValueError) as error:
-                reason = str(error).splitlines()[0]
-        if vae is None:
-            what = f"the autoencoder of {name}" + (f" ({subfolder}/)" if subfolder else "")
-            raise ModelUnavailable(f"cannot load {what} ({reason}); {_offline_hint(name)}")
+        if not (location / marker).is_file():
+            raise ModelUnavailable(f"{location} has no {marker}; it is not a folder holding {what}")
+        return load(str(location), **kwargs)
+    reason = ""
+    for local_only in (True, False):
+        try:
+            return load(str(source), subfolder=subfolder, local_files_only=local_only, **kwargs)
+        except (OSError, ValueError) as error:
+            reason = str(error).splitlines()[0]
+    raise ModelUnavailable(f"cannot load {what} ({reason}); {_offline_hint(name)}")
+
+
+def load_autoencoder(spec: str | None, model_id: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The diffusers autoencoder to attack: `spec` (hub id or local folder, e.g. `madebyollin/taesd`), or by
+    default the `vae` subfolder of the editor `model_id`."""
+    from diffusers import AutoModel
+
+    name, subfolder = (spec, None) if spec else (model_id, "vae")
+    what = f"the autoencoder of {name}" + (f" ({subfolder}/)" if subfolder else "")
+    vae = load_pretrained(AutoModel.from_pretrained, name, what, subfolder=subfolder, torch_dtype=dtype)
     if not (hasattr(vae, "encode") and hasattr(vae, "decode")):
         raise ModelUnavailable(f"{name} is a {type(vae).__name__}, not an autoencoder")
     return vae.to(device).eval()

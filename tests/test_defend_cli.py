@@ -188,8 +188,8 @@ def test_main_defend_protects_a_folder_reports_bad_files_and_resumes(tmp_path, t
     folder = out / "budget_0.03"
     assert sorted(p.name for p in folder.glob("*.png")) == ["a.png", "b.png", "c.png"]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["images"]) == {"a.png", "b.png", "c.png"}
-    for name, entry in manifest["images"].items():
+    assert set(manifest["outputs"]) == {"a.png", "b.png", "c.png"}
+    for name, entry in manifest["outputs"].items():
         assert entry["linf_255"] <= 3 and entry["psnr"] > 30 and entry["seconds"] > 0
         protected = np.asarray(Image.open(folder / name))
         assert protected.shape == np.asarray(load_image(entry["source"])).shape
@@ -202,7 +202,7 @@ def test_main_defend_protects_a_folder_reports_bad_files_and_resumes(tmp_path, t
     assert main_defend.main(argv) == 1
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == stamps
     assert "3 already protected" in capsys.readouterr().out
-    assert set(json.loads((folder / "manifest.json").read_text())["images"]) == {"a.png", "b.png", "c.png"}
+    assert set(json.loads((folder / "manifest.json").read_text())["outputs"]) == {"a.png", "b.png", "c.png"}
 
     assert main_defend.main([*argv, "--overwrite"]) == 1
     assert all(p.stat().st_mtime_ns != stamps[p.name] for p in folder.glob("*.png"))
@@ -235,7 +235,7 @@ def test_main_defend_names_colliding_outputs(tmp_path, tiny_vae_dir):
     assert main_defend.main(["--image_dir", str(images), "--output_dir", str(out), "--defend_method", "vae",
                              "--vae", str(tiny_vae_dir), *FAST]) == 1
     manifest = json.loads((out / "budget_0.03" / "manifest.json").read_text())
-    assert manifest["images"]["x.png"]["source"] == str(images / "x.jpg")
+    assert manifest["outputs"]["x.png"]["source"] == str(images / "x.jpg")
     assert "same output name" in manifest["failed"][str(images / "x.png")]
 
 
@@ -251,10 +251,21 @@ def test_parallel_processes_split_the_folder(tmp_path, tiny_vae_dir):
     assert "5 to do in 2 processes" in result.stdout and "protected 3" in result.stdout
     folder = tmp_path / "two" / "budget_0.03"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["images"]) == {"a.png", "b.png", "c.png"} and len(manifest["failed"]) == 2
+    assert set(manifest["outputs"]) == {"a.png", "b.png", "c.png"} and len(manifest["failed"]) == 2
     assert not list(folder.glob("manifest.part*"))
     main_defend.main([*common, "--output_dir", str(tmp_path / "one")])
-    for name in manifest["images"]:
+    for name in manifest["outputs"]:
         one = np.asarray(Image.open(tmp_path / "one" / "budget_0.03" / name)).astype(int)
         two = np.asarray(Image.open(folder / name)).astype(int)
         assert np.mean(one == two) > 0.99
+
+
+def test_main_defend_refuses_to_mix_results_of_other_parameters(tmp_path, tiny_vae_dir):
+    images, out = make_folder(tmp_path / "photos"), tmp_path / "out"
+    common = ["--image_dir", str(images), "--output_dir", str(out), "--vae", str(tiny_vae_dir), *FAST]
+    main_defend.main([*common, "--defend_method", "encoder"])
+    with pytest.raises(UserError, match="made with --defend_method encoder"):
+        main_defend.main([*common, "--defend_method", "vae"])
+    assert main_defend.main([*common, "--defend_method", "vae", "--overwrite"]) == 1  # the two bad files
+    manifest = json.loads((out / "budget_0.03" / "manifest.json").read_text())
+    assert manifest["parameters"]["defend_method"] == "vae" and len(manifest["outputs"]) == 3
