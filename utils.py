@@ -42,6 +42,49 @@ VERSIONED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "face
                       "accelerate", "numpy", "pillow", "scikit-image")
 
 
+#: The 25 editing instructions of the FaceLock paper's code, verbatim (typos included: they drive the metrics).
+PAPER_PROMPTS = (
+    "Turn the person's hair pink",
+    "Let the person turn bald",
+    "Let the person have a tatto",
+    "Let the person wear purple makeup",
+    "Let the person grow a mustach",
+    "Turn the person into a zombie",
+    "Change the skin color to Avatar blue",
+    "Add elf-like ears",
+    "Add large vampire fangs",
+    "Apply Goth style makeup",
+    "Let the person wear a police suit",
+    "Let the person wear a bowtie",
+    "Let the person wear a helmet",
+    "Let the person wear sunglasses",
+    "Let the person wear earrings",
+    "Let the person smoke a cigar",
+    "Place a headband in the hair",
+    "Place a tiara on the top of the head",
+    "Let it be snowy",
+    "Change the background to a beach",
+    "Add a city skyline background",
+    "Add a forest background",
+    "Change the background to a desert",
+    "Set the background in a library",
+    "Let the person stand under the moon",
+)
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """The paper's prompts, or one prompt per non-empty line of `path`."""
+    if path is None:
+        return list(PAPER_PROMPTS)
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read prompts from {path}: {error}") from None
+    if not prompts:
+        raise UserError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
 class UserError(Exception):
     """A problem the user can fix; scripts print its one-line message and exit with status 2."""
 
@@ -327,9 +370,11 @@ def load_pretrained(load: Callable[..., Any], name: str, what: str, marker: str 
             raise ModelUnavailable(f"{location} has no {marker}; it is not a folder holding {what}")
         return load(str(location), **kwargs)
     reason = ""
+    if subfolder:
+        kwargs["subfolder"] = subfolder
     for local_only in (True, False):
         try:
-            return load(str(source), subfolder=subfolder, local_files_only=local_only, **kwargs)
+            return load(str(source), local_files_only=local_only, **kwargs)
         except (OSError, ValueError) as error:
             reason = str(error).splitlines()[0]
     raise ModelUnavailable(f"cannot load {what} ({reason}); {_offline_hint(name)}")

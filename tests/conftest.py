@@ -115,6 +115,54 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def tiny_clip_text(vocabulary_size: int | None = None):
+    """A tiny CLIP text encoder and a character-level CLIP tokenizer built from a local vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    characters = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(
+        ["<|startoftext|>", "<|endoftext|>", "!", *characters, *(c + "</w>" for c in characters)])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], pad_token="!", model_max_length=77)
+    torch.manual_seed(3)
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, vocab_size=len(vocab), hidden_size=32,
+                            intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+    return CLIPTextModel(config).eval(), tokenizer
+
+
+def tiny_editor(folder: Path, pix2pix: bool = True) -> Path:
+    """A tiny InstructPix2Pix (UNet with 8 input channels) or img2img pipeline, saved to `folder`."""
+    from diffusers import (EulerAncestralDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
+                           StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
+
+    torch.manual_seed(4)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=8 if pix2pix else 4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+    text_encoder, tokenizer = tiny_clip_text()
+    components = dict(vae=tiny_autoencoder_kl(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if pix2pix:
+        pipe = StableDiffusionInstructPix2PixPipeline(scheduler=EulerAncestralDiscreteScheduler(), **components)
+    else:
+        pipe = StableDiffusionImg2ImgPipeline(scheduler=PNDMScheduler(skip_prk_steps=True), **components)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pix2pix_dir(tmp_path_factory) -> Path:
+    return tiny_editor(tmp_path_factory.mktemp("pix2pix"))
+
+
+@pytest.fixture(scope="session")
+def tiny_img2img_dir(tmp_path_factory) -> Path:
+    return tiny_editor(tmp_path_factory.mktemp("img2img"), pix2pix=False)
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     """The real models and faces of FACELOCK_ASSETS; tests that need them skip where it is unset."""

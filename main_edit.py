@@ -1,0 +1,124 @@
+"""Edit every photo in a folder with every prompt, as the paper's evaluation does.
+
+    python main_edit.py --src_dir protected/budget_0.03 --edit_dir edits/facelock --seed 0
+
+Writes `edit_dir/seed{S}/prompt{i}/<name>.png` (the layout the evaluation scripts walk) and
+`edit_dir/seed{S}/manifest.json` with the model, prompts, seeds and parameters. Every edit has its own seed,
+derived from the run seed, the prompt index and the image name, so `edit.py --prompt_index i --seed S` reproduces
+any single edit. A rerun skips finished edits; a bad file is reported at the end without stopping the others.
+`accelerate launch main_edit.py ...` splits the work between processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from edit import add_edit_arguments, edit_images, edit_seed, load_editor, parse_args
+from utils import (
+    BatchRun,
+    InputError,
+    UserError,
+    batches_by_size,
+    list_images,
+    load_image,
+    pick_device,
+    read_prompts,
+    run_script,
+    same_file,
+    save_png,
+)
+
+logger = logging.getLogger("main_edit")
+#: Parameters that decide the edits; a folder made with other values is refused.
+DEFINING = ("model", "model_id", "vae", "guidance_scale", "image_guidance_scale", "strength", "num_inference_steps",
+            "prompt_list", "max_size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src_dir", required=True, help="folder of photos to edit (e.g. protected/budget_0.03)")
+    parser.add_argument("--edit_dir", required=True, help="folder for the edits (seed{S}/prompt{i}/ inside)")
+    parser.add_argument("--prompt_indices", help="edit with these prompts only, e.g. 0,13,19 (default: all)")
+    parser.add_argument("--batch_size", type=int, default=1, help="same-size photos edited per pipeline call")
+    add_edit_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    src_dir, folder = Path(args.src_dir), Path(args.edit_dir) / f"seed{args.seed}"
+    if not src_dir.is_dir():
+        raise UserError(f"--src_dir {src_dir} is not a folder")
+    if same_file(src_dir, Path(args.edit_dir)) or same_file(src_dir, folder):
+        raise UserError("--edit_dir must not be the source folder")
+    args.prompt_list = read_prompts(args.prompts)
+    indices = range(len(args.prompt_list))
+    if args.prompt_indices:
+        try:
+            indices = sorted({int(i) for i in args.prompt_indices.split(",")})
+        except ValueError:
+            raise UserError(f"--prompt_indices takes numbers separated by commas, got {args.prompt_indices!r}") from None
+        if indices[0] < 0 or indices[-1] >= len(args.prompt_list):
+            raise UserError(f"--prompt_indices must lie in 0..{len(args.prompt_list) - 1}")
+    sources = list_images(src_dir)
+    if not sources:
+        raise UserError(f"no images in {src_dir}")
+
+    run = BatchRun(folder, vars(args), DEFINING, args.overwrite, cpu=args.device == "cpu")
+    names: dict[str, Path] = {}
+    for source in sources:
+        if source.stem in names:
+            run.fail(str(source), f"same output name as {names[source.stem].name}")
+        else:
+            names[source.stem] = source
+    work = [(i, source) for i in indices for source in names.values()
+            if args.overwrite or not (folder / f"prompt{i}" / f"{source.stem}.png").exists()]
+    total = len(indices) * len(names)
+    if run.is_main:
+        print(f"{len(names)} images x {len(indices)} prompts in {folder}: {total - len(work)} edits already done, "
+              f"{len(work)} to do" + (f" in {run.state.num_processes} processes" if run.state.num_processes > 1 else ""))
+    mine = run.mine(work)
+    device = pick_device(args.device) if args.device != "auto" else run.state.device
+    pipe = load_editor(args, device, progress=False) if mine else None
+
+    bar = tqdm(total=len(mine), desc="edits", unit="edit", disable=not run.is_main)
+    bad: set[Path] = set()
+    for i in indices:
+        loaded = []
+        for source in [s for j, s in mine if j == i and s not in bad]:
+            try:
+                loaded.append((source, load_image(source)))
+            except InputError as error:
+                bad.add(source)
+                run.fail(str(source), str(error))
+        bar.update(sum(1 for j, s in mine if j == i and s in bad))
+        for batch in batches_by_size(loaded, lambda item: item[1].size, args.batch_size):
+            seeds = [edit_seed(args.seed, i, source.stem) for source, _ in batch]
+            try:
+                edited = edit_images(pipe, args, [image for _, image in batch], args.prompt_list[i], seeds)
+            except RuntimeError as error:  # e.g. out of memory on a large photo
+                logger.exception("editing %s failed", ", ".join(str(s) for s, _ in batch))
+                for source, _ in batch:
+                    run.fail(f"prompt{i}/{source.name}", f"{type(error).__name__}: {str(error).splitlines()[0]}")
+            else:
+                for (source, _), image in zip(batch, edited):
+                    save_png(np.asarray(image.convert("RGB")), folder / f"prompt{i}" / f"{source.stem}.png")
+            run.save()
+            bar.update(len(batch))
+    bar.close()
+
+    if run.finish() is None:
+        return 0
+    done = sum((folder / f"prompt{i}" / f"{s.stem}.png").exists() for i, s in work)
+    return run.report(f"edited {done}, already done {total - len(work)} (seed {args.seed})", folder)
+
+
+if __name__ == "__main__":
+    run_script(main)
