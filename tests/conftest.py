@@ -130,6 +130,28 @@ def tiny_clip_text(vocabulary_size: int | None = None):
     return CLIPTextModel(config).eval(), tokenizer
 
 
+def tiny_clip(folder: Path | None = None):
+    """A tiny random `CLIPModel` with a processor (32-pixel crops, local vocabulary); saved to `folder` if given."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    _, tokenizer = tiny_clip_text()
+    torch.manual_seed(5)
+    config = CLIPConfig(
+        text_config=dict(bos_token_id=0, eos_token_id=1, pad_token_id=2, vocab_size=len(tokenizer), hidden_size=32,
+                         intermediate_size=37, num_attention_heads=4, num_hidden_layers=2),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                           num_hidden_layers=2),
+        projection_dim=16)
+    model = CLIPModel(config).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    if folder is not None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return model, processor
+
+
 def tiny_editor(folder: Path, pix2pix: bool = True) -> Path:
     """A tiny InstructPix2Pix (UNet with 8 input channels) or img2img pipeline, saved to `folder`."""
     from diffusers import (EulerAncestralDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,

@@ -1,0 +1,11 @@
+"""All six metrics of the paper (PSNR, SSIM, LPIPS, CLIP-S, CLIP-I, FR) in one pass, every model loaded once.
+
+    python -m evaluation.evaluate --src_dir photos --clean_edit_dir edits/clean \
+        --defend_edit_dirs edits/facelock edits/encoder --seed 0 --output results/
+"""
+
+from evaluation.runner import METRIC_KEYS, cli
+from utils import run_script
+
+if __name__ == "__main__":
+    run_script(lambda: cli(METRIC_KEYS, __doc__.split("\n\n")[0]))
