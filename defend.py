@@ -47,8 +47,9 @@ logger = logging.getLogger("defend")
 DEFAULTS = dict(
     target_model="instruct-pix2pix", model_id="timbrooks/instruct-pix2pix", vae=None,
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
-    fr_model="facenet", faces="largest", allow_no_face=False, lpips="vgg",
-    device="auto", dtype="auto", memory_format="channels_last", seed=0, max_size=1024, overwrite=False,
+    fr_model="facenet", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
+    device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
+    max_size=1024, overwrite=False,
 )
 #: Named groups of defaults; flags given explicitly still win.
 PRESETS = {
@@ -94,12 +95,19 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--allow_no_face", action="store_true", default=None,
                         help="facelock: protect images without a detectable face with the latent and LPIPS terms")
     models.add_argument("--lpips", choices=["vgg", "none"], help="facelock's perceptual term: LPIPS-VGG or none")
+    models.add_argument("--target_fr", type=float,
+                        help="facelock: stop an image early once its reconstruction's FR similarity (by the attack's "
+                             "own face model) falls below this value")
     models.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     models.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                         help="model weights' dtype (auto: float16 on CUDA, float32 on CPU); the perturbation "
                              "itself is always optimised in float32")
     models.add_argument("--memory_format", choices=["channels_last", "contiguous"],
                         help="memory layout of the models' convolutions (channels_last: about 25%% faster on a CPU)")
+    models.add_argument("--vae_tiling", action="store_true", default=None,
+                        help="run the autoencoder tile by tile, so large photos fit a small GPU")
+    models.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the models (opt-in: compiling takes minutes; measure before relying on it)")
     models.add_argument("--max_size", type=int,
                         help="attack larger photos at this long side and resize the perturbation back (0: never)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs")
@@ -146,11 +154,29 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
     for model in components.values():
         if model is not None:
             model.to(memory_format=memory_format)
+    if args.vae_tiling and "autoencoder" in components:
+        components["autoencoder"].enable_tiling()
+    if args.compile:
+        compile_models(components)
     return methods.create(
         args.defend_method, **components, eps=args.attack_budget, step_size=args.step_size,
         num_iters=args.num_iters, targeted=args.targeted, c=args.c, lr=args.lr,
-        allow_no_face=args.allow_no_face, progress=progress,
+        allow_no_face=args.allow_no_face, target_fr=args.target_fr, progress=progress,
     )
+
+
+def compile_models(components: dict) -> None:
+    """torch.compile the networks that do the work: the autoencoder's encoder and decoder, the face network and
+    LPIPS' backbone."""
+    networks = []
+    if "autoencoder" in components:
+        networks += [components["autoencoder"].encoder, components["autoencoder"].decoder]
+    if components.get("face") is not None:
+        networks.append(components["face"].embedder.network)
+    if components.get("perceptual") is not None:
+        networks.append(components["perceptual"].lpips.net)
+    for network in networks:
+        network.compile()
 
 
 def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:

@@ -139,15 +139,28 @@ class PGDAttack(Attack):
         """The per-sample value (shape `N`) that the attack increases at iteration `i`."""
         raise NotImplementedError
 
+    def reached(self, reference: Any, i: int) -> torch.Tensor | None:
+        """Per sample, after `objective` at iteration `i`: has it reached the attack's goal? Such samples keep their
+        current value and take no further step; the loop ends when all have. None: no early stopping."""
+        return None
+
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():
             reference = self.prepare(x)
         x_adv = project(x + uniform_noise(x, -self.eps, self.eps, generator), x, self.eps, self.bounds)
+        active = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
         bar = self.iterations(self.num_iters, desc=self.name)
         for i in bar:
             x_adv.requires_grad_(True)
             value = self.objective(x_adv, reference, i)
+            reached = self.reached(reference, i)
+            if reached is not None:
+                active &= ~reached.view(-1, 1, 1, 1).to(active.device)
+                if not active.any():
+                    logger.info("%s: every image reached its goal after %d iterations", self.name, i)
+                    return x_adv.detach()
             grad, = torch.autograd.grad(value.sum(), [x_adv])
-            x_adv = project(x_adv.detach() + self.step_size_at(i) * grad.sign(), x, self.eps, self.bounds)
+            step = self.step_size_at(i) * grad.sign() * active
+            x_adv = project(x_adv.detach() + step, x, self.eps, self.bounds)
             bar.set_postfix(objective=f"{value.mean().item():.4f}")
         return x_adv

@@ -21,6 +21,7 @@ class _Clean:
     face: Any
     has_face: torch.Tensor
     perceptual: Any
+    fr: torch.Tensor | None = None  # the attack's own FR similarity at the current iteration, once it is computed
 
 
 @register
@@ -52,7 +53,8 @@ class FaceLock(PGDAttack):
             (e.g. `methods.perceptual.LPIPSDistance`), or None to drop the term.
 
     An image in which no face is found raises `NoFaceError`, unless `allow_no_face`: then that image is
-    protected with the latent and perceptual terms only.
+    protected with the latent and perceptual terms only. With `target_fr`, an image stops as soon as the FR
+    similarity of its reconstruction falls below that value (early stopping; off by default).
 
     Example::
 
@@ -69,7 +71,7 @@ class FaceLock(PGDAttack):
                  eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
                  fr_weight: float = 1.0, latent_weight: float = 0.2, lpips_weight: float = 1.0,
                  fr_start: float = 0.35, lpips_start: float = 0.25, allow_no_face: bool = False,
-                 progress: bool = False) -> None:
+                 target_fr: float | None = None, progress: bool = False) -> None:
         super().__init__(eps=eps, step_size=step_size, num_iters=num_iters, progress=progress)
         self.autoencoder = as_autoencoder(autoencoder)
         self.face = face
@@ -77,6 +79,7 @@ class FaceLock(PGDAttack):
         self.fr_weight, self.latent_weight, self.lpips_weight = fr_weight, latent_weight, lpips_weight
         self.fr_start, self.lpips_start = fr_start, lpips_start
         self.allow_no_face = allow_no_face
+        self.target_fr = target_fr
 
     def weights_at(self, i: int) -> tuple[float, float, float]:
         """(FR, latent, LPIPS) weights at iteration `i`, with the official schedule."""
@@ -100,7 +103,13 @@ class FaceLock(PGDAttack):
         if fr_w or lpips_w:
             y = self.autoencoder.decode(latent).float().clamp(-1, 1)
             if fr_w:
-                value = value - fr_w * self.face(y, clean.face).float() * clean.has_face
+                clean.fr = self.face(y, clean.face).float()
+                value = value - fr_w * clean.fr * clean.has_face
             if lpips_w:
                 value = value + lpips_w * self.perceptual(y, clean.perceptual).float()
         return value
+
+    def reached(self, clean: _Clean, i: int) -> torch.Tensor | None:
+        if self.target_fr is None or clean.fr is None:
+            return None
+        return (clean.fr.detach() < self.target_fr) & clean.has_face

@@ -269,3 +269,31 @@ def test_main_defend_refuses_to_mix_results_of_other_parameters(tmp_path, tiny_v
     assert main_defend.main([*common, "--defend_method", "vae", "--overwrite"]) == 1  # the two bad files
     manifest = json.loads((out / "budget_0.03" / "manifest.json").read_text())
     assert manifest["parameters"]["defend_method"] == "vae" and len(manifest["outputs"]) == 3
+
+
+def test_vae_tiling_runs_the_autoencoder_tile_by_tile(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from conftest import tiny_autoencoder_kl
+
+    tiny_autoencoder_kl().save_pretrained(tmp_path / "kl")  # 32-pixel tiles
+    tiled = []
+    original = AutoencoderKL._tiled_encode
+    monkeypatch.setattr(AutoencoderKL, "_tiled_encode", lambda self, x: tiled.append(x.shape) or original(self, x))
+    source = write_photo(tmp_path / "in.png", size=(96, 96))
+    assert defend.main(["--input_path", str(source), "--defend_method", "vae", "--vae", str(tmp_path / "kl"),
+                        "--vae_tiling", *FAST]) == 0
+    assert len(tiled) >= 3  # once for the first iteration ... once per iteration
+    protected = np.asarray(Image.open(tmp_path / "in_protected.png")).astype(int)
+    assert 0 < np.abs(protected - np.asarray(Image.open(source)).astype(int)).max() <= 3
+
+
+def test_compile_is_opt_in_and_covers_every_network(tmp_path, tiny_vae_dir, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    face = export_tiny_onnx_face_model(tmp_path / "face")
+    common = ["--input_path", str(write_photo(tmp_path / "in.png")), "--defend_method", "facelock", "--vae",
+              str(tiny_vae_dir), "--fr_model", str(face), "--lpips", "none", "--allow_no_face", *FAST]
+    assert defend.main(common) == 0 and compiled == []
+    assert defend.main([*common, "--overwrite", "--compile"]) == 0
+    assert compiled == ["EncoderTiny", "DecoderTiny", "GraphModule"]

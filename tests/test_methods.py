@@ -220,3 +220,34 @@ def test_autoencoder_wrapper_casts_inputs_to_the_model_dtype():
     latent = ae.encode(random_images(1))
     assert latent.dtype == torch.bfloat16 and latent.shape == (1, 4, 16, 16)
     assert ae.decode(latent).shape == (1, 3, 32, 32)
+
+
+class FixedSimilarity(torch.nn.Module):
+    """A face component whose similarity is fixed per sample (differentiable, so the attack runs)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values)
+
+    def reference(self, x):
+        return type("Reference", (), {"found": torch.ones(len(x), dtype=torch.bool)})()
+
+    def forward(self, y, reference):
+        return self.values + 0 * y.sum(dim=(1, 2, 3))
+
+
+def test_facelock_early_stopping_freezes_only_the_images_that_reached_the_target():
+    def run(target):
+        attack = methods.create("facelock", autoencoder=AUTOENCODERS["tiny"](), face=FixedSimilarity([-0.9, 0.9]),
+                                num_iters=20, target_fr=target)
+        calls = []
+        objective = attack.objective
+        attack.objective = lambda *a: calls.append(a[-1]) or objective(*a)
+        return attack(random_images(2), seeded(0, 1)), calls
+
+    free, free_calls = run(None)
+    stopped, stopped_calls = run(0.0)  # image 0 (similarity -0.9) reaches it when FR starts, at i = 7
+    assert free_calls == stopped_calls == list(range(20))  # image 1 never does, so the loop runs on
+    assert torch.equal(stopped[1], free[1]) and not torch.equal(stopped[0], free[0])
+    _, all_calls = run(2.0)  # both below 2: the loop ends at the first FR iteration
+    assert all_calls == list(range(8))
