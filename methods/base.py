@@ -76,7 +76,8 @@ class Attack:
     parameter gradients) for the duration of the call and restored afterwards. Internally the perturbation is
     optimised in float32 whatever the input dtype; each model wrapper casts to its own dtype.
 
-    Subclasses implement `perturb(x, generator)`.
+    Subclasses implement `perturb(x, generator)`, usually as a loop over `objective` (the value one iteration
+    computes and the attack increases) with what `prepare` computed once on the clean images.
     """
 
     name: str = ""
@@ -108,6 +109,15 @@ class Attack:
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepare(self, x: torch.Tensor) -> Any:
+        """What the objective needs from the clean images, computed once (without gradients)."""
+        return None
+
+    def objective(self, x_adv: torch.Tensor, reference: Any, i: int) -> torch.Tensor:
+        """The per-sample value (shape `N`) that the attack increases at iteration `i`: one iteration's work, which
+        `evaluation/benchmark_speed.py` times for every method."""
+        raise NotImplementedError
+
     def iterations(self, total: int, desc: str) -> tqdm:
         return tqdm(range(total), desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
 
@@ -130,14 +140,6 @@ class PGDAttack(Attack):
 
     def step_size_at(self, i: int) -> float:
         return self.step_size - (self.step_size - self.step_size / 100) / self.num_iters * i
-
-    def prepare(self, x: torch.Tensor) -> Any:
-        """What the objective needs from the clean images, computed once."""
-        return None
-
-    def objective(self, x_adv: torch.Tensor, reference: Any, i: int) -> torch.Tensor:
-        """The per-sample value (shape `N`) that the attack increases at iteration `i`."""
-        raise NotImplementedError
 
     def reached(self, reference: Any, i: int) -> torch.Tensor | None:
         """Per sample, after `objective` at iteration `i`: has it reached the attack's goal? Such samples keep their

@@ -49,22 +49,29 @@ class CWL2Attack(Attack):
         self.autoencoder = as_autoencoder(autoencoder)
         self.c, self.lr, self.num_iters, self.targeted = c, lr, num_iters, targeted
 
+    def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.autoencoder.encode(x).float()
+
+    def objective(self, x_adv: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], i: int) -> torch.Tensor:
+        """Minus the CW cost, per image."""
+        x, clean_latent = reference
+        distance = ((x_adv - x) / 2).square().flatten(1).sum(dim=1)
+        latent = self.autoencoder.encode(x_adv).float()
+        if self.targeted:
+            f = latent.flatten(1).norm(dim=1)
+        else:
+            f = -(latent - clean_latent).flatten(1).norm(dim=1)
+        return -(distance + self.c * f)
+
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():
-            clean_latent = self.autoencoder.encode(x).float()
+            reference = self.prepare(x)
         start = project(x + uniform_noise(x, -self.eps, self.eps, generator), x, self.eps, self.bounds)
         w = torch.atanh(start.clamp(-1 + _TANH_MARGIN, 1 - _TANH_MARGIN)).requires_grad_(True)
         optimizer = torch.optim.Adam([w], lr=self.lr)
         bar = self.iterations(self.num_iters, desc=self.name)
-        for _ in bar:
-            x_adv = torch.tanh(w)
-            distance = ((x_adv - x) / 2).square().flatten(1).sum(dim=1)
-            latent = self.autoencoder.encode(x_adv).float()
-            if self.targeted:
-                f = latent.flatten(1).norm(dim=1)
-            else:
-                f = -(latent - clean_latent).flatten(1).norm(dim=1)
-            cost = distance + self.c * f
+        for i in bar:
+            cost = -self.objective(torch.tanh(w), reference, i)
             optimizer.zero_grad(set_to_none=True)
             cost.sum().backward()
             optimizer.step()

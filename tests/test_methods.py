@@ -151,8 +151,8 @@ def measure(name: str, attack, x: torch.Tensor, y: torch.Tensor) -> float:
         return ae.encode(y).norm().item()
     if name == "encoder-untargeted":
         return -(ae.encode(y) - ae.encode(x)).norm().item()
-    if name == "cw":  # its own cost: squared distance in [0, 1] units + c * f
-        return (((y - x) / 2).square().sum() - attack.c * (ae.encode(y) - ae.encode(x)).norm()).item()
+    if name == "cw":  # its own cost, which it minimises
+        return -attack.objective(y, attack.prepare(x), 0).item()
     if name == "vae":
         return ae(y).norm().item()
     return attack.face(ae(y).clamp(-1, 1), attack.face.reference(x)).sum().item()
