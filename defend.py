@@ -20,6 +20,7 @@ from PIL import Image
 
 import methods
 from methods.faces import NoFaceError
+from methods.transforms import EOT_TRANSFORMS, eot_transform
 from utils import (
     UserError,
     cpu_generator,
@@ -38,7 +39,6 @@ from utils import (
     run_script,
     same_file,
     save_png,
-    tensor_to_uint8,
 )
 
 logger = logging.getLogger("defend")
@@ -47,7 +47,8 @@ logger = logging.getLogger("defend")
 DEFAULTS = dict(
     target_model="instruct-pix2pix", model_id="timbrooks/instruct-pix2pix", vae=None,
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
-    fr_model="facenet", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
+    fr_model="facenet", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None, eot=None,
+    eot_samples=1,
     device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
     max_size=1024, overwrite=False,
 )
@@ -82,6 +83,9 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--c", type=float, help="cw: weight of the latent term")
     method.add_argument("--lr", type=float, help="cw: Adam learning rate")
     method.add_argument("--seed", type=int, help="seed of the random start (each image gets its own stream)")
+    method.add_argument("--eot", help="optimise through random cleanups so the protection survives them (expectation "
+                                      f"over transformation): comma-separated, of {','.join(EOT_TRANSFORMS)}")
+    method.add_argument("--eot_samples", type=int, help="transformed copies averaged per step with --eot")
 
     models = parser.add_argument_group("models")
     models.add_argument("--target_model", choices=["instruct-pix2pix", "stable-diffusion"],
@@ -128,8 +132,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     args = parser.parse_args(argv)
     if not 0 < args.attack_budget <= MAX_BUDGET:
         parser.error(f"--attack_budget must be in (0, {MAX_BUDGET}] ([-1, 1] units), got {args.attack_budget}")
-    if args.step_size <= 0 or args.num_iters < 1 or args.max_size < 0:
-        parser.error("--step_size must be > 0, --num_iters >= 1 and --max_size >= 0")
+    if args.step_size <= 0 or args.num_iters < 1 or args.max_size < 0 or args.eot_samples < 1:
+        parser.error("--step_size must be > 0, --num_iters and --eot_samples >= 1 and --max_size >= 0")
+    unknown = sorted(set(args.eot.split(",")) - set(EOT_TRANSFORMS)) if args.eot else []
+    if unknown:
+        parser.error(f"--eot takes a subset of {','.join(EOT_TRANSFORMS)}; unknown: {','.join(unknown)}")
     return args
 
 
@@ -140,6 +147,9 @@ def budget_in_255(budget: float) -> str:
 def build_attack(args: argparse.Namespace, device: torch.device, progress: bool = True) -> methods.Attack:
     """Load the models the chosen method needs and build it from the options."""
     cls = methods.get_method(args.defend_method)
+    if args.eot and not issubclass(cls, methods.PGDAttack):
+        pgd = ", ".join(name for name, c in methods.METHODS.items() if issubclass(c, methods.PGDAttack))
+        raise UserError(f"--eot works with the PGD methods ({pgd}), not {args.defend_method}")
     dtype = pick_dtype(args.dtype, device)
     components = {}
     if "autoencoder" in cls.models:
@@ -162,6 +172,7 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
         args.defend_method, **components, eps=args.attack_budget, step_size=args.step_size,
         num_iters=args.num_iters, targeted=args.targeted, c=args.c, lr=args.lr,
         allow_no_face=args.allow_no_face, target_fr=args.target_fr, progress=progress,
+        eot=eot_transform(args.eot.split(",")) if args.eot else None, eot_samples=args.eot_samples,
     )
 
 
@@ -183,7 +194,10 @@ def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
     parts = [f"{args.defend_method}: budget {budget_in_255(args.attack_budget)}"]
     if hasattr(attack, "step_size"):
         parts.append(f"step {args.step_size}")
-    parts.append(f"{args.num_iters} iterations")
+    if hasattr(attack, "num_iters"):
+        parts.append(f"{args.num_iters} iterations")
+    if getattr(attack, "eot", None) is not None:
+        parts.append(f"EOT over {args.eot} ({args.eot_samples} per step)")
     if "autoencoder" in attack.models:
         parts.append(f"autoencoder {args.vae or args.model_id + ' (vae)'}")
     if "face" in attack.models:

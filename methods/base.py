@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -46,15 +46,21 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[floa
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(*bounds)
 
 
+def per_sample_generators(generator: Generators, n: int) -> list[torch.Generator | None]:
+    """One generator per sample: a list is taken as it is (its length checked), anything else repeated."""
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
+    if len(generators) != n:
+        raise ValueError(f"got {len(generators)} generators for a batch of {n}")
+    return generators
+
+
 def uniform_noise(like: torch.Tensor, low: float, high: float, generator: Generators = None) -> torch.Tensor:
     """Uniform noise shaped like `like`, drawn on each generator's own device and then moved to `like`'s.
 
     A list of generators gives each sample its own stream, so a batch sees the same noise as single runs
     (the habit of diffusers' `randn_tensor`).
     """
-    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(like)
-    if len(generators) != len(like):
-        raise ValueError(f"got {len(generators)} generators for a batch of {len(like)}")
+    generators = per_sample_generators(generator, len(like))
     if len(set(map(id, generators))) < len(generators):
         draws = [_rand(like.shape, generators[0], like.dtype)]
     else:
@@ -129,14 +135,22 @@ class PGDAttack(Attack):
     projection onto the budget and bounds after every step, and a fresh graph per step (nothing accumulates
     across iterations). Subclasses supply `prepare` (computed once on the clean images, without gradients) and
     `objective` (one value per sample, maximised).
+
+    Expectation over transformation: with `eot` (a random differentiable transform, see `methods.transforms`),
+    each step follows the gradient averaged over `eot_samples` transformed copies, so the protection survives
+    the cleanups it is optimised for. Transforms are drawn from each image's own generator.
     """
 
-    def __init__(self, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100, progress: bool = False):
+    def __init__(self, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
+                 eot: Callable[[torch.Tensor, Generators], torch.Tensor] | None = None, eot_samples: int = 1,
+                 progress: bool = False):
         super().__init__(eps=eps, progress=progress)
-        if step_size <= 0 or num_iters < 1:
-            raise ValueError(f"need step_size > 0 and num_iters >= 1, got {step_size} and {num_iters}")
+        if step_size <= 0 or num_iters < 1 or eot_samples < 1:
+            raise ValueError(f"need step_size > 0, num_iters >= 1 and eot_samples >= 1, got {step_size}, "
+                             f"{num_iters} and {eot_samples}")
         self.step_size = step_size
         self.num_iters = num_iters
+        self.eot, self.eot_samples = eot, eot_samples
 
     def step_size_at(self, i: int) -> float:
         return self.step_size - (self.step_size - self.step_size / 100) / self.num_iters * i
@@ -146,22 +160,32 @@ class PGDAttack(Attack):
         current value and take no further step; the loop ends when all have. None: no early stopping."""
         return None
 
+    def value_and_grad(self, x_adv: torch.Tensor, reference: Any, i: int,
+                       generators: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective and its gradient at `x_adv`, averaged over the EOT samples (one graph at a time)."""
+        value, grad = 0, 0
+        for _ in range(self.eot_samples if self.eot is not None else 1):
+            x = x_adv.detach().requires_grad_(True)
+            sample = self.objective(self.eot(x, generators) if self.eot is not None else x, reference, i)
+            value = value + sample.detach()
+            grad = grad + torch.autograd.grad(sample.sum(), [x])[0]
+        return value / (self.eot_samples if self.eot is not None else 1), grad
+
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():
             reference = self.prepare(x)
         x_adv = project(x + uniform_noise(x, -self.eps, self.eps, generator), x, self.eps, self.bounds)
         active = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
+        generators = per_sample_generators(generator, len(x))
         bar = self.iterations(self.num_iters, desc=self.name)
         for i in bar:
-            x_adv.requires_grad_(True)
-            value = self.objective(x_adv, reference, i)
+            value, grad = self.value_and_grad(x_adv, reference, i, generators)
             reached = self.reached(reference, i)
             if reached is not None:
                 active &= ~reached.view(-1, 1, 1, 1).to(active.device)
                 if not active.any():
                     logger.info("%s: every image reached its goal after %d iterations", self.name, i)
                     return x_adv.detach()
-            grad, = torch.autograd.grad(value.sum(), [x_adv])
             step = self.step_size_at(i) * grad.sign() * active
             x_adv = project(x_adv.detach() + step, x, self.eps, self.bounds)
             bar.set_postfix(objective=f"{value.mean().item():.4f}")

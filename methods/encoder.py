@@ -19,7 +19,7 @@ class EncoderAttack(PGDAttack):
     Threat model: L-infinity, `eps` in `[-1, 1]` units (0.03 is about 3.8/255 of the pixel range).
     Targeted (default): push the latent `E(x')` toward the zero latent by descending `||E(x')||_2`.
     Untargeted: push it away from the clean latent by ascending `MSE(E(x'), E(x))`.
-    Defaults: eps 0.03, step_size 0.01, num_iters 100 (the FaceLock code's).
+    Defaults: eps 0.03, step_size 0.01, num_iters 100 (the FaceLock code's); the other options of `PGDAttack`.
 
     Example::
 
@@ -31,9 +31,8 @@ class EncoderAttack(PGDAttack):
     summary = "PhotoGuard encoder attack: move the VAE latent to zero (targeted) or away from the clean one"
     models = ("autoencoder",)
 
-    def __init__(self, autoencoder: nn.Module, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
-                 targeted: bool = True, progress: bool = False) -> None:
-        super().__init__(eps=eps, step_size=step_size, num_iters=num_iters, progress=progress)
+    def __init__(self, autoencoder: nn.Module, targeted: bool = True, **options) -> None:
+        super().__init__(**options)
         self.autoencoder = as_autoencoder(autoencoder)
         self.targeted = targeted
 

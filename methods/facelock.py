@@ -42,7 +42,8 @@ class FaceLock(PGDAttack):
     computed once. While a weight is zero its term is not computed at all; in the first quarter of the
     iterations only the encoder runs.
 
-    Threat model: L-infinity, `eps` in `[-1, 1]` units. Defaults: eps 0.03, step_size 0.01, num_iters 100.
+    Threat model: L-infinity, `eps` in `[-1, 1]` units. Defaults: eps 0.03, step_size 0.01, num_iters 100; the other
+    options of `PGDAttack` (expectation over transformation among them).
 
     Models:
         autoencoder: any diffusers autoencoder (`AutoencoderKL`, `AutoencoderTiny`).
@@ -68,11 +69,10 @@ class FaceLock(PGDAttack):
     models = ("autoencoder", "face", "perceptual")
 
     def __init__(self, autoencoder: nn.Module, face: nn.Module, perceptual: nn.Module | None = None,
-                 eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
                  fr_weight: float = 1.0, latent_weight: float = 0.2, lpips_weight: float = 1.0,
                  fr_start: float = 0.35, lpips_start: float = 0.25, allow_no_face: bool = False,
-                 target_fr: float | None = None, progress: bool = False) -> None:
-        super().__init__(eps=eps, step_size=step_size, num_iters=num_iters, progress=progress)
+                 target_fr: float | None = None, **options) -> None:
+        super().__init__(**options)
         self.autoencoder = as_autoencoder(autoencoder)
         self.face = face
         self.perceptual = perceptual

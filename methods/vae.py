@@ -16,7 +16,8 @@ class VAEAttack(PGDAttack):
     (the `vae` baseline of "Edit Away and My Face Will not Stay", Wang et al., CVPR 2025,
     https://arxiv.org/abs/2411.16832, after PhotoGuard https://arxiv.org/abs/2302.06588).
 
-    Threat model: L-infinity, `eps` in `[-1, 1]` units. Defaults: eps 0.03, step_size 0.01, num_iters 100.
+    Threat model: L-infinity, `eps` in `[-1, 1]` units. Defaults: eps 0.03, step_size 0.01, num_iters 100; the other
+    options of `PGDAttack`.
 
     Example::
 
@@ -27,9 +28,8 @@ class VAEAttack(PGDAttack):
     summary = "autoencoder attack: drive the VAE reconstruction D(E(x)) toward zero"
     models = ("autoencoder",)
 
-    def __init__(self, autoencoder: nn.Module, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
-                 progress: bool = False) -> None:
-        super().__init__(eps=eps, step_size=step_size, num_iters=num_iters, progress=progress)
+    def __init__(self, autoencoder: nn.Module, **options) -> None:
+        super().__init__(**options)
         self.autoencoder = as_autoencoder(autoencoder)
 
     def objective(self, x_adv: torch.Tensor, reference: None, i: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ from methods.faces import Faces, NoFaceError
 from utils import quantize_within, tensor_to_uint8
 from conftest import AUTOENCODERS, centre_faces, random_images, tiny_face_identity, tiny_lpips
 
-METHOD_NAMES = ["encoder", "vae", "cw", "facelock"]
+METHOD_NAMES = ["encoder", "vae", "cw", "facelock", "noise"]
+ATTACKS = METHOD_NAMES[:4]  # the methods with models
 
 
 def build(name: str, autoencoder: str = "tiny", **options) -> methods.Attack:
@@ -83,7 +84,7 @@ def test_batch_equals_single_runs(name):
     assert torch.equal(batch, singles)
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", ATTACKS)
 def test_models_frozen_during_attack_and_restored_after(name):
     attack = build(name)
     models = attack.modules()

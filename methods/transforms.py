@@ -1,0 +1,239 @@
+"""What may happen to a protected photo before it is edited: JPEG, resizing, blur, noise, colour jitter and
+quantization. Each transform maps `N x 3 x H x W` images in `[-1, 1]` to the same shape and range.
+
+Every transform except `PillowJPEG` is differentiable (rounding passes gradients straight through), so the PGD
+methods can optimise through a random one each step (expectation over transformation, `eot_transform`);
+`PillowJPEG` is the real codec, for measuring robustness. A parameter given as a `(low, high)` pair is drawn
+uniformly per image, from that image's own generator, so a batch sees what single runs see.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .base import Generators, per_sample_generators
+
+Range = float | tuple[float, float]
+
+# The JPEG standard's example quantization tables (ITU-T T.81, Annex K), which libjpeg scales by quality.
+_LUMA = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
+    [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float64)
+_CHROMA = torch.full((8, 8), 99.0, dtype=torch.float64)
+_CHROMA[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]])
+
+
+def _draw(value: Range, generator: torch.Generator | None) -> float:
+    if not isinstance(value, tuple):
+        return float(value)
+    low, high = value
+    device = generator.device if generator is not None else "cpu"
+    return low + (high - low) * torch.rand((), generator=generator, device=device).item()
+
+
+def _round(t: torch.Tensor) -> torch.Tensor:
+    """Rounding whose gradient is the identity (straight-through)."""
+    return t + (torch.round(t) - t).detach()
+
+
+class Transform:
+    """Applies itself image by image with parameters drawn from each image's generator."""
+
+    differentiable = True
+
+    def __call__(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        generators = per_sample_generators(generator, len(x))
+        return torch.cat([self.apply(x[i:i + 1], generators[i]) for i in range(len(x))])
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Identity(Transform):
+    def __call__(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        return x
+
+
+class JPEG(Transform):
+    """A differentiable JPEG: YCbCr, 4:2:0 chroma, 8 x 8 DCT quantised with the standard tables scaled by quality
+    as libjpeg does, rounding straight-through, decoded back to 8-bit RGB."""
+
+    def __init__(self, quality: Range = 75) -> None:
+        self.quality = quality
+
+    @staticmethod
+    def tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
+        quality = min(max(int(round(quality)), 1), 100)
+        scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+        return tuple(((t * scale + 50) // 100).clamp(1, 255) for t in (_LUMA, _CHROMA))
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        luma_table, chroma_table = (t.to(x) for t in self.tables(_draw(self.quality, generator)))
+        height, width = x.shape[-2:]
+        rgb = F.pad((x + 1) * 127.5, (0, -width % 16, 0, -height % 16), mode="replicate")
+        r, g, b = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
+        y = 0.299 * r + 0.587 * g + 0.114 * b
+        cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
+        cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
+        y = _blocks(y - 128, luma_table) + 128
+        cb, cr = (F.interpolate(_blocks(F.avg_pool2d(c, 2) - 128, chroma_table) + 128, scale_factor=2,
+                                mode="bilinear", align_corners=False) for c in (cb, cr))
+        out = torch.cat([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
+                         y + 1.772 * (cb - 128)], dim=1)
+        return (_round(out.clamp(0, 255)) / 127.5 - 1)[..., :height, :width]
+
+
+def _dct_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    k = torch.arange(8, dtype=torch.float64)
+    matrix = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / 16) * math.sqrt(2 / 8)
+    matrix[0] /= math.sqrt(2)
+    return matrix.to(dtype=dtype, device=device)
+
+
+def _blocks(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Quantise the 8 x 8 DCT of a 1-channel plane (height and width multiples of 8) with `table`."""
+    n, _, height, width = plane.shape
+    d = _dct_matrix(plane.dtype, plane.device)
+    blocks = plane.reshape(n, height // 8, 8, width // 8, 8).permute(0, 1, 3, 2, 4)
+    coefficients = d @ blocks @ d.T
+    restored = d.T @ (_round(coefficients / table) * table) @ d
+    return restored.permute(0, 1, 3, 2, 4).reshape(n, 1, height, width)
+
+
+class PillowJPEG(Transform):
+    """The real codec: encode with Pillow at `quality` (4:2:0) and decode. Not differentiable."""
+
+    differentiable = False
+
+    def __init__(self, quality: Range = 75) -> None:
+        self.quality = quality
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        array = ((x[0].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=int(round(_draw(self.quality, generator))))
+        decoded = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32)
+        return (torch.from_numpy(decoded).permute(2, 0, 1)[None] / 127.5 - 1).to(x)
+
+
+class Resize(Transform):
+    """Downscale by `scale` (antialiased) and back up to the original size, bilinearly."""
+
+    def __init__(self, scale: Range = 0.5) -> None:
+        self.scale = scale
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        scale = _draw(self.scale, generator)
+        small = F.interpolate(x, size=(max(round(height * scale), 1), max(round(width * scale), 1)),
+                              mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+class GaussianBlur(Transform):
+    """Gaussian blur with standard deviation `sigma` pixels (kernel radius 3 sigma, reflected borders)."""
+
+    def __init__(self, sigma: Range = 1.0) -> None:
+        self.sigma = sigma
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        sigma = _draw(self.sigma, generator)
+        radius = max(int(math.ceil(3 * sigma)), 1)
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        kernel = torch.exp(-(t**2) / (2 * sigma**2))
+        kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)
+        padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+        blurred = F.conv2d(padded, kernel.view(3, 1, 1, -1), groups=3)
+        return F.conv2d(blurred, kernel.view(3, 1, -1, 1), groups=3)
+
+
+class GaussianNoise(Transform):
+    """Additive Gaussian noise of standard deviation `sigma` in 0..255 pixel units."""
+
+    def __init__(self, sigma: Range = 4.0) -> None:
+        self.sigma = sigma
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        sigma = _draw(self.sigma, generator) * 2 / 255
+        device = generator.device if generator is not None else "cpu"
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        return (x + sigma * noise).clamp(-1, 1)
+
+
+class ColorJitter(Transform):
+    """Brightness, contrast and saturation factors (1 leaves the image unchanged)."""
+
+    def __init__(self, brightness: Range = (0.9, 1.1), contrast: Range = (0.9, 1.1),
+                 saturation: Range = (0.9, 1.1)) -> None:
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        u = (x + 1) / 2 * _draw(self.brightness, generator)
+        gray = (0.299 * u[:, 0:1] + 0.587 * u[:, 1:2] + 0.114 * u[:, 2:3])
+        u = gray.mean() + (u - gray.mean()) * _draw(self.contrast, generator)
+        gray = (0.299 * u[:, 0:1] + 0.587 * u[:, 1:2] + 0.114 * u[:, 2:3])
+        u = gray + (u - gray) * _draw(self.saturation, generator)
+        return (u.clamp(0, 1) * 2 - 1)
+
+
+class Quantize(Transform):
+    """Keep `bits` bits per channel (rounding straight-through)."""
+
+    def __init__(self, bits: Range = 5) -> None:
+        self.bits = bits
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        levels = 2 ** int(round(_draw(self.bits, generator))) - 1
+        return _round((x + 1) / 2 * levels) / levels * 2 - 1
+
+
+class Compose(Transform):
+    """The transforms one after the other."""
+
+    def __init__(self, *transforms: Transform) -> None:
+        self.transforms = transforms
+        self.differentiable = all(t.differentiable for t in transforms)
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        for transform in self.transforms:
+            x = transform.apply(x, generator)
+        return x
+
+
+class RandomChoice(Transform):
+    """One of the transforms, chosen per image."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+        self.differentiable = all(t.differentiable for t in self.transforms)
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        index = min(int(_draw((0.0, float(len(self.transforms))), generator)), len(self.transforms) - 1)
+        return self.transforms[index].apply(x, generator)
+
+
+#: The distributions `--eot` draws from: each covers the cleanups of the robustness benchmark.
+EOT_TRANSFORMS = {
+    "jpeg": lambda: JPEG(quality=(50, 95)),
+    "resize": lambda: Resize(scale=(0.5, 0.9)),
+    "blur": lambda: GaussianBlur(sigma=(0.5, 1.5)),
+    "noise": lambda: GaussianNoise(sigma=(0.0, 6.0)),
+    "jitter": lambda: ColorJitter(),
+    "quantize": lambda: Quantize(bits=(4, 7)),
+}
+
+
+def eot_transform(names: Sequence[str]) -> Transform:
+    """A random choice among the named EOT transforms (see `EOT_TRANSFORMS`)."""
+    unknown = sorted(set(names) - set(EOT_TRANSFORMS))
+    if unknown or not names:
+        raise ValueError(f"unknown EOT transform(s) {unknown}; choose from {', '.join(EOT_TRANSFORMS)}")
+    return RandomChoice([EOT_TRANSFORMS[name]() for name in names])

@@ -1,0 +1,100 @@
+"""Cleanup transforms and expectation over transformation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import methods
+from conftest import AUTOENCODERS, ROOT, random_images
+from methods.transforms import (
+    EOT_TRANSFORMS,
+    JPEG,
+    ColorJitter,
+    Compose,
+    GaussianBlur,
+    GaussianNoise,
+    PillowJPEG,
+    Quantize,
+    RandomChoice,
+    Resize,
+    eot_transform,
+)
+from utils import load_image, pil_to_tensor
+
+TRANSFORMS = {
+    "jpeg": JPEG(75), "jpeg-range": JPEG((50, 95)), "pillow-jpeg": PillowJPEG(75), "resize": Resize(0.5),
+    "blur": GaussianBlur(1.0), "noise": GaussianNoise(4.0), "jitter": ColorJitter(), "quantize": Quantize(5),
+    "compose": Compose(Resize(0.5), PillowJPEG(75)), "eot": eot_transform(list(EOT_TRANSFORMS)),
+}
+
+
+def portrait(size: int = 96) -> torch.Tensor:
+    return pil_to_tensor(load_image(ROOT / "assets" / "astronaut.png").resize((size, size), Image.LANCZOS))
+
+
+def seeded(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_shape_range_and_determinism(name):
+    transform, x = TRANSFORMS[name], torch.cat([portrait(), random_images(1, size=96)])[..., :90, :84]
+    out = transform(x, seeded(0, 1))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6
+    assert torch.equal(out, transform(x, seeded(0, 1)))
+    assert torch.equal(out[1:], transform(x[1:], seeded(1)))  # each image draws from its own generator
+    assert not torch.equal(out, x)
+
+
+@pytest.mark.parametrize("name", [n for n, t in TRANSFORMS.items() if t.differentiable])
+def test_differentiable_transforms_pass_gradients(name):
+    x = portrait(64).requires_grad_(True)
+    TRANSFORMS[name](x, seeded(3)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_the_real_codec_is_not_claimed_differentiable():
+    assert not PillowJPEG.differentiable and not Compose(Resize(0.5), PillowJPEG(75)).differentiable
+    assert RandomChoice([Resize(0.5), JPEG(75)]).differentiable
+
+
+@pytest.mark.parametrize("quality", [50, 75, 90])
+def test_differentiable_jpeg_is_close_to_the_real_codec(quality):
+    x = portrait(128)
+    ours, real = JPEG(quality)(x), PillowJPEG(quality)(x)
+    psnr = 10 * torch.log10(4 / (ours - real).square().mean())
+    loss = 10 * torch.log10(4 / (real - x).square().mean())
+    assert psnr > loss + 3  # much closer to the real codec than the codec is to the photo
+    assert psnr > 30
+
+
+def test_fixed_transforms_do_what_they_say():
+    x = portrait(64)
+    assert torch.allclose(ColorJitter(1.0, 1.0, 1.0)(x), x, atol=1e-6)
+    assert len(torch.unique(Quantize(5)(x))) <= 32
+    assert (GaussianBlur(1.0)(x) - x).abs().mean() < (GaussianBlur(2.0)(x) - x).abs().mean()
+    noise = GaussianNoise(4.0)(torch.zeros(1, 3, 64, 64), seeded(0))
+    assert noise.std().item() * 127.5 == pytest.approx(4.0, rel=0.05)
+    with pytest.raises(ValueError, match="unknown EOT"):
+        eot_transform(["jpeg", "sepia"])
+
+
+def test_eot_changes_the_attack_and_keeps_batch_equal_to_single_runs():
+    def attack(eot, samples=2):
+        a = methods.create("encoder", autoencoder=AUTOENCODERS["tiny"](), num_iters=4, eot=eot, eot_samples=samples)
+        for model in a.modules():
+            model.double()
+        return a
+
+    x = random_images(2)
+    eot = eot_transform(["jpeg", "resize", "blur", "noise"])
+    with_eot = attack(eot)
+    batch = with_eot(x, seeded(0, 1))
+    assert torch.equal(batch, torch.cat([with_eot(x[i:i + 1], seeded(i)) for i in range(2)]))
+    assert not torch.equal(batch, attack(None)(x, seeded(0, 1)))
+    assert (batch - x).abs().max() <= 0.03 + 1e-6
+    with pytest.raises(ValueError, match="eot_samples"):
+        attack(eot, samples=0)
