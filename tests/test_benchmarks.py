@@ -1,0 +1,95 @@
+"""The protection benchmark's bookkeeping on a tiny setup, and its real-face path with FACELOCK_ASSETS."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import export_tiny_onnx_face_model, write_photo
+from evaluation import benchmark_protection, benchmark_speed
+from methods.faces import FaceDetector
+from utils import UserError, load_image
+
+METHODS = "none,noise,encoder,facelock-eot"
+CLEANUPS = "none,jpeg75,resize0.5"
+
+
+def test_protection_benchmark_bookkeeping(tmp_path, tiny_vae_dir, capsys):
+    faces = tmp_path / "faces"
+    for person, seed in (("ann", 1), ("bob", 2)):
+        (faces / person).mkdir(parents=True)
+        write_photo(faces / person / "portrait.jpg", size=(120, 90), seed=seed)
+    face = export_tiny_onnx_face_model(tmp_path / "face")
+    argv = ["--faces", str(faces), "--output", str(tmp_path / "out"), "--methods", METHODS, "--cleanups", CLEANUPS,
+            "--size", "64", "--num_iters", "2", "--vae", str(tiny_vae_dir), "--fr_model", str(face), "--judge",
+            str(face), "--device", "cpu"]
+    assert benchmark_protection.main(argv) == 0
+    out = tmp_path / "out"
+    with (out / "protection.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 3 * 2
+    assert {(r["method"], r["cleanup"]) for r in rows} == {(m, c) for m in METHODS.split(",")
+                                                            for c in CLEANUPS.split(",")}
+    assert {r["photo"] for r in rows} == {"ann__portrait", "bob__portrait"}
+    for r in rows:
+        assert math.isnan(float(r["fr_heldout"]))  # noise photos have no face: not scored
+        expected = 0 if r["method"] == "none" else 3
+        assert float(r["linf_255"]) <= 3 and (r["method"] == "none") == (float(r["linf_255"]) == expected == 0)
+    facelock = [r for r in rows if r["method"] == "facelock-eot"]
+    assert all(float(r["seconds"]) > 0 for r in facelock)
+    table = (out / "protection.md").read_text()
+    assert "| method | FR" in table and "after each cleanup" in table and "| facelock-eot | n/a |" in table
+    assert Image.open(out / "grid.png").size == (160 * 5, 18 + 2 * (160 + 18))
+    assert Image.open(out / "photos" / "ann__portrait.png").size == (64, 64)
+    assert (out / "protected" / "facelock-eot" / "budget_0.03" / "manifest.json").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
+    assert benchmark_protection.main(argv) == 0  # resumes: nothing protected again
+    assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
+    capsys.readouterr()
+
+
+def test_protection_benchmark_refuses_the_held_out_faces(tmp_path):
+    holdout = tmp_path / "faces-holdout"
+    holdout.mkdir()
+    write_photo(holdout / "a.jpg")
+    with pytest.raises(UserError, match="reserved for acceptance"):
+        benchmark_protection.main(["--faces", str(holdout), "--output", str(tmp_path / "out")])
+
+
+def test_face_crops_centre_the_face(assets):
+    image = load_image(assets / "faces" / "obama" / "obama.jpg")
+    detector = FaceDetector()
+    crop = benchmark_protection.face_crop(image, 128, detector)
+    box = detector(torch.from_numpy(np.asarray(crop)).permute(2, 0, 1)[None].float() / 127.5 - 1).boxes[0]
+    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    assert crop.size == (128, 128)
+    assert abs(centre[0] - 64) < 12 and abs(centre[1] - 64) < 12
+    assert 0.3 * 128 < box[3] - box[1] < 0.6 * 128
+
+
+def test_speed_benchmark_schedule_weights_facelocks_phases():
+    from conftest import AUTOENCODERS, tiny_face_identity, tiny_lpips
+
+    import methods
+
+    models = dict(autoencoder=AUTOENCODERS["tiny"](), face=tiny_face_identity())
+    assert benchmark_speed.schedule(methods.create("facelock", **models, perceptual=tiny_lpips())) == {
+        0: 26, 26: 9, 35: 65}  # encoder only; with LPIPS; with LPIPS and FR
+    assert benchmark_speed.schedule(methods.create("facelock", **models)) == {0: 35, 35: 65}
+    assert benchmark_speed.schedule(methods.create("encoder", autoencoder=AUTOENCODERS["tiny"]())) == {0: 100}
+
+
+def test_reference_loop_matches_the_official_schedule_and_keeps_its_graph():
+    from conftest import AUTOENCODERS, random_images, tiny_face_identity, tiny_lpips
+
+    x = random_images(1)
+    seen = []
+    out = benchmark_speed.reference_facelock(x, AUTOENCODERS["tiny"](), tiny_face_identity(), tiny_lpips(), 0.03,
+                                             0.01, 4, torch.Generator().manual_seed(0), on_iteration=seen.append)
+    assert seen == [0, 1, 2, 3] and (out - x).abs().max() <= 0.03 + 1e-6 and not out.requires_grad
