@@ -105,7 +105,8 @@ def edit_seed(run_seed: int, prompt_key: int | str, name: str) -> int:
 
 def load_editor(args: argparse.Namespace, device: torch.device, progress: bool = True):
     """The diffusers editing pipeline for `--model`, safety checker off as in the paper."""
-    from diffusers import AutoPipelineForImage2Image, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+    from diffusers import (AutoPipelineForImage2Image, EulerAncestralDiscreteScheduler,
+                           StableDiffusionInstructPix2PixPipeline)
 
     if args.cpu_offload and device.type == "cpu":
         raise UserError("--cpu_offload moves models to a GPU while they run; there is none here")

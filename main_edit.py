@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             indices = sorted({int(i) for i in args.prompt_indices.split(",")})
         except ValueError:
-            raise UserError(f"--prompt_indices takes numbers separated by commas, got {args.prompt_indices!r}") from None
+            raise UserError(f"--prompt_indices takes comma-separated numbers, got {args.prompt_indices!r}") from None
         if indices[0] < 0 or indices[-1] >= len(args.prompt_list):
             raise UserError(f"--prompt_indices must lie in 0..{len(args.prompt_list) - 1}")
     sources = list_images(src_dir)
@@ -82,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.overwrite or not (folder / f"prompt{i}" / f"{source.stem}.png").exists()]
     total = len(indices) * len(names)
     if run.is_main:
+        processes = f" in {run.state.num_processes} processes" if run.state.num_processes > 1 else ""
         print(f"{len(names)} images x {len(indices)} prompts in {folder}: {total - len(work)} edits already done, "
-              f"{len(work)} to do" + (f" in {run.state.num_processes} processes" if run.state.num_processes > 1 else ""))
+              f"{len(work)} to do{processes}")
     mine = run.mine(work)
     device = pick_device(args.device) if args.device != "auto" else run.state.device
     pipe = load_editor(args, device, progress=False) if mine else None

@@ -369,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size in args.sizes:
             x = photo(size, device)
             attack = methods.create("facelock", autoencoder=taesd, face=face, perceptual=None)
-            seconds = median_seconds(lambda: protect_tensor(attack, x, [cpu_generator(0)]), device, max(1, args.repeats - 1))
+            run = lambda: protect_tensor(attack, x, [cpu_generator(0)])  # noqa: E731
+            seconds = median_seconds(run, device, max(1, args.repeats - 1))
             rows.append([f"{size}x{size}", f"{seconds:.1f}"])
             print(f"  {rows[-1]}", flush=True)
         emit(table(["photo", "seconds"], rows))

@@ -80,7 +80,8 @@ def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequen
     clean_metrics = [m for m in metrics if isinstance(m, CleanMetric)]
     source_metrics = [m for m in metrics if isinstance(m, SourceMetric)]
     if clean_metrics and clean is None:
-        raise UserError(f"{', '.join(m.title for m in clean_metrics)} compare with the clean edits: pass --clean_edit_dir")
+        titles = ", ".join(m.title for m in clean_metrics)
+        raise UserError(f"{titles} compare with the clean edits: pass --clean_edit_dir")
     sources = images_by_name(Path(src_dir)) if source_metrics else {}
     if source_metrics and not sources:
         raise UserError(f"no source images in {src_dir}")

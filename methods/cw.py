@@ -25,10 +25,10 @@ class CWL2Attack(Attack):
 
     Differences from the FaceLock code, on purpose: the optimisation starts at the image plus the uniform random
     start of the PGD methods (the code starts from a uniform grey image, `w = 0`; starting at the image exactly
-    would leave the untargeted gradient undefined, as `||E(x') - E(x)||` has none at `x' = x`); the encoder sees images in `[-1, 1]` (the code feeds it `[0, 1]`); the
-    latent distance is the L2 norm over the whole latent of each image (the code sums norms over the last axis
-    only); and the budget is the same `eps` in `[-1, 1]` units as the other methods (the code clips to `eps` in
-    `[0, 1]` units, twice as large).
+    would leave the untargeted gradient undefined, as `||E(x') - E(x)||` has none at `x' = x`); the encoder sees
+    images in `[-1, 1]` (the code feeds it `[0, 1]`); the latent distance is the L2 norm over the whole latent of
+    each image (the code sums norms over the last axis only); and the budget is the same `eps` in `[-1, 1]` units
+    as the other methods (the code clips to `eps` in `[0, 1]` units, twice as large).
 
     Defaults: c 0.03, lr 0.03, num_iters 100.
 

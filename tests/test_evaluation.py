@@ -19,9 +19,9 @@ from evaluation.metrics.clip_score import ClipEmbedder, ClipI, ClipS
 from evaluation.metrics.facial import FaceSimilarity
 from evaluation.metrics.perceptual import LPIPS
 from evaluation.metrics.psnr import PSNR, psnr
-from evaluation.metrics.ssim import SSIM, ssim
+from evaluation.metrics.ssim import ssim
 from evaluation.walker import edit_sets, images_by_name, pair_by_name
-from utils import UserError, load_image, pil_to_tensor
+from utils import UserError, load_image
 
 
 def as_unit_numpy(x: torch.Tensor) -> np.ndarray:
@@ -169,7 +169,7 @@ def test_report_writes_grids_of_the_expected_size_and_a_page(tmp_path):
     protected.mkdir(parents=True)
     write_photo(protected / "a.png", size=(80, 64))
     clean = make_edits(tmp_path / "clean", 3, ["a", "b"])
-    edits = make_edits(tmp_path / "edits" / "budget_0.03", 3, ["a"])
+    make_edits(tmp_path / "edits" / "budget_0.03", 3, ["a"])
     results = tmp_path / "results"
     results.mkdir()
     (results / "psnr.csv").write_text("method,mean\nedits/budget_0.03,21.5\n")
@@ -206,7 +206,8 @@ def test_an_unreadable_edit_is_reported_and_the_rest_scored(tmp_path):
 def test_fr_scores_the_same_person_above_another_and_counts_faceless_edits(assets, tmp_path):
     from utils import load_face_identity
 
-    sources, same, other = tmp_path / "src", tmp_path / "same" / "seed0" / "prompt0", tmp_path / "other" / "seed0" / "prompt0"
+    sources = tmp_path / "src"
+    same, other = (tmp_path / kind / "seed0" / "prompt0" for kind in ("same", "other"))
     for folder in (sources, same, other):
         folder.mkdir(parents=True)
     faces = assets / "faces"

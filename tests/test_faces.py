@@ -8,7 +8,8 @@ import torch
 from skimage.transform import SimilarityTransform, warp
 
 from conftest import TinyFaceNet, centre_faces, export_tiny_onnx_face_model, random_images, tiny_face_identity
-from methods.faces import ARCFACE_TEMPLATE, FaceEmbedder, FaceIdentity, Faces, crop_faces, load_onnx_embedder, read_contract
+from methods.faces import (ARCFACE_TEMPLATE, FaceEmbedder, FaceIdentity, Faces, crop_faces, load_onnx_embedder,
+                           read_contract)
 
 
 def test_alignment_matches_a_reference_warp_and_passes_gradients():
