@@ -33,11 +33,11 @@ from utils import (
     pick_device,
     pick_dtype,
     pil_to_tensor,
+    png_output,
     protect_tensor,
     psnr,
     quantize_within,
     run_script,
-    same_file,
     save_png,
 )
 
@@ -240,12 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
 
     source = Path(args.input_path)
-    output = Path(args.output_path) if args.output_path else source.with_name(f"{source.stem}_protected.png")
-    if output.suffix.lower() != ".png":
-        raise UserError(f"{output}: protected images are written as PNG (a lossy format would damage the "
-                        f"perturbation); use a .png path")
-    if same_file(source, output):
-        raise UserError(f"{output} is the input; choose another --output_path")
+    output = png_output(source, args.output_path, f"{source.stem}_protected.png",
+                        "protected images are written as PNG (a lossy format would damage the perturbation)")
     image = load_image(source)
     if output.exists() and not args.overwrite:
         print(f"{output} exists; nothing to do (pass --overwrite to replace it)")

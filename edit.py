@@ -26,9 +26,9 @@ from utils import (
     load_pretrained,
     pick_device,
     pick_dtype,
+    png_output,
     read_prompts,
     run_script,
-    same_file,
     save_png,
 )
 
@@ -152,11 +152,7 @@ def edit_images(pipe, args: argparse.Namespace, images: Sequence[Image.Image], p
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     source = Path(args.input_path)
-    output = Path(args.output_path) if args.output_path else source.with_name(f"edit_{source.stem}.png")
-    if output.suffix.lower() != ".png":
-        raise UserError(f"{output}: edits are written as PNG; use a .png path")
-    if same_file(source, output):
-        raise UserError(f"{output} is the input; choose another --output_path")
+    output = png_output(source, args.output_path, f"edit_{source.stem}.png", "edits are written as PNG")
     prompts = read_prompts(args.prompts)
     if args.prompt_index is not None and not 0 <= args.prompt_index < len(prompts):
         raise UserError(f"--prompt_index {args.prompt_index} is outside the {len(prompts)} prompts")

@@ -229,6 +229,17 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+def png_output(source: Path, output_path: str | None, default_name: str, why: str) -> Path:
+    """Where a script writes its result for `source`: `output_path`, or `default_name` beside the source. It must
+    be a PNG (`why` says why) and must not be the source itself."""
+    output = Path(output_path) if output_path else source.with_name(default_name)
+    if output.suffix.lower() != ".png":
+        raise UserError(f"{output}: {why}; use a .png path")
+    if same_file(source, output):
+        raise UserError(f"{output} is the input; choose another --output_path")
+    return output
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0]}
     for name in VERSIONED_PACKAGES:
