@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack_budget", type=float, default=0.03, help="L-infinity budget in [-1, 1] units")
     parser.add_argument("--num_iters", type=int, default=100, help="attack iterations")
     parser.add_argument("--eot", default="jpeg,resize,blur,noise", help="EOT transforms of facelock-eot")
-    parser.add_argument("--eot_samples", type=int, default=1, help="EOT samples per step of facelock-eot")
+    parser.add_argument("--eot_samples", type=int, default=2, help="EOT samples per step of facelock-eot")
     parser.add_argument("--vae", default="madebyollin/taesd", help="the surrogate autoencoder, also the 'editor'")
     parser.add_argument("--fr_model", default="sface", help="the face model the attacks use")
     parser.add_argument("--judge", default="mobilefacenet", help="the held-out face model judging the results")
