@@ -163,13 +163,14 @@ class PGDAttack(Attack):
     def value_and_grad(self, x_adv: torch.Tensor, reference: Any, i: int,
                        generators: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The objective and its gradient at `x_adv`, averaged over the EOT samples (one graph at a time)."""
+        samples = self.eot_samples if self.eot is not None else 1
         value, grad = 0, 0
-        for _ in range(self.eot_samples if self.eot is not None else 1):
+        for _ in range(samples):
             x = x_adv.detach().requires_grad_(True)
             sample = self.objective(self.eot(x, generators) if self.eot is not None else x, reference, i)
             value = value + sample.detach()
             grad = grad + torch.autograd.grad(sample.sum(), [x])[0]
-        return value / (self.eot_samples if self.eot is not None else 1), grad
+        return value / samples, grad
 
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():

@@ -44,6 +44,11 @@ def _round(t: torch.Tensor) -> torch.Tensor:
     return t + (torch.round(t) - t).detach()
 
 
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    """The ITU-R BT.601 luma of `N x 3 x H x W` images, as `N x 1 x H x W`."""
+    return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+
+
 class Transform:
     """Applies itself image by image with parameters drawn from each image's generator."""
 
@@ -80,7 +85,7 @@ class JPEG(Transform):
         height, width = x.shape[-2:]
         rgb = F.pad((x + 1) * 127.5, (0, -width % 16, 0, -height % 16), mode="replicate")
         r, g, b = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
-        y = 0.299 * r + 0.587 * g + 0.114 * b
+        y = _luma(rgb)
         cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
         cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
         y = _blocks(y - 128, luma_table) + 128
@@ -177,9 +182,9 @@ class ColorJitter(Transform):
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         u = (x + 1) / 2 * _draw(self.brightness, generator)
-        gray = (0.299 * u[:, 0:1] + 0.587 * u[:, 1:2] + 0.114 * u[:, 2:3])
-        u = gray.mean() + (u - gray.mean()) * _draw(self.contrast, generator)
-        gray = (0.299 * u[:, 0:1] + 0.587 * u[:, 1:2] + 0.114 * u[:, 2:3])
+        mean = _luma(u).mean()
+        u = mean + (u - mean) * _draw(self.contrast, generator)
+        gray = _luma(u)
         u = gray + (u - gray) * _draw(self.saturation, generator)
         return (u.clamp(0, 1) * 2 - 1)
 
