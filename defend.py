@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import methods
+from evaluation.metrics.psnr import psnr
 from methods.faces import NoFaceError
 from methods.transforms import EOT_TRANSFORMS, eot_transform
 from utils import (
@@ -35,7 +36,6 @@ from utils import (
     pil_to_tensor,
     png_output,
     protect_tensor,
-    psnr,
     quantize_within,
     run_script,
     save_png,
@@ -222,7 +222,8 @@ def protect_images(attack: methods.Attack, images: Sequence[Image.Image], seeds:
         distance = linf_255(out, clean)
         if distance > attack.eps * 127.5:
             raise AssertionError(f"budget broken after rounding: {distance}/255 > {attack.eps * 127.5:.2f}/255")
-        results.append((out, {"seed": seed, "linf_255": distance, "psnr": round(psnr(out, clean), 3),
+        quality = psnr(pil_to_tensor(Image.fromarray(out)), pil_to_tensor(image)).item()
+        results.append((out, {"seed": seed, "linf_255": distance, "psnr": round(quality, 3),
                               "seconds": round(seconds, 3)}))
     return results
 

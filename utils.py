@@ -15,8 +15,8 @@ import sys
 import tempfile
 import warnings
 from importlib import metadata
-from pathlib import Path
 from itertools import groupby
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -178,12 +178,6 @@ def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float) -> np.nd
 def linf_255(a: np.ndarray, b: np.ndarray) -> int:
     """L-infinity distance between two uint8 images, in 1/255 units."""
     return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import peak_signal_noise_ratio
-
-    return float(peak_signal_noise_ratio(a, b, data_range=255)) if not np.array_equal(a, b) else float("inf")
 
 
 def batches_by_size(items: list, size_of: Callable[[Any], Any], batch_size: int) -> Iterator[list]:
