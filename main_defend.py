@@ -33,10 +33,9 @@ from utils import (
     BatchRun,
     InputError,
     UserError,
-    batches_by_size,
     derive_seed,
     list_images,
-    load_image,
+    loaded_batches,
     pick_device,
     run_script,
     same_file,
@@ -108,15 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{describe_attack(args, attack)} on {device}")
 
     bar = tqdm(total=len(mine), desc="images", unit="img", disable=not run.is_main)
-    loaded = []
-    for source, output in mine:
-        try:
-            loaded.append((source, output, load_image(source)))
-        except InputError as error:
-            run.fail(str(source), str(error))
-            bar.update(1)
-    for batch in batches_by_size(loaded, lambda item: item[2].size, args.batch_size):
-        protect_batch(attack, batch, args, device, run)
+
+    def fail(item: tuple[Path, Path], error: InputError) -> None:
+        run.fail(str(item[0]), str(error))
+        bar.update(1)
+
+    for batch in loaded_batches(mine, lambda item: item[0], args.batch_size, fail):
+        protect_batch(attack, [(source, output, image) for (source, output), image in batch], args, device, run)
         run.save()
         bar.update(len(batch))
     bar.close()

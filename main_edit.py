@@ -24,9 +24,8 @@ from utils import (
     BatchRun,
     InputError,
     UserError,
-    batches_by_size,
     list_images,
-    load_image,
+    loaded_batches,
     pick_device,
     read_prompts,
     run_script,
@@ -91,16 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bar = tqdm(total=len(mine), desc="edits", unit="edit", disable=not run.is_main)
     bad: set[Path] = set()
+
+    def fail(source: Path, error: InputError) -> None:
+        bad.add(source)
+        run.fail(str(source), str(error))
+        bar.update(1)
+
     for i in indices:
-        loaded = []
-        for source in [s for j, s in mine if j == i and s not in bad]:
-            try:
-                loaded.append((source, load_image(source)))
-            except InputError as error:
-                bad.add(source)
-                run.fail(str(source), str(error))
         bar.update(sum(1 for j, s in mine if j == i and s in bad))
-        for batch in batches_by_size(loaded, lambda item: item[1].size, args.batch_size):
+        todo = [s for j, s in mine if j == i and s not in bad]
+        for batch in loaded_batches(todo, lambda source: source, args.batch_size, fail):
             seeds = [edit_seed(args.seed, i, source.stem) for source, _ in batch]
             try:
                 edited = edit_images(pipe, args, [image for _, image in batch], args.prompt_list[i], seeds)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,32 @@ def batches_by_size(items: list, size_of: Callable[[Any], Any], batch_size: int)
         group = list(group)
         for start in range(0, len(group), batch_size):
             yield group[start:start + batch_size]
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """The (width, height) `load_image` will give, read from the file's header alone (EXIF orientation applied);
+    (0, 0) for a file that cannot be opened, which `load_image` then explains."""
+    try:
+        with Image.open(path) as image:
+            turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+            return image.size[::-1] if turned else image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return (0, 0)
+
+
+def loaded_batches(items: list, path_of: Callable[[Any], Path], batch_size: int,
+                   fail: Callable[[Any, InputError], None]) -> Iterator[list[tuple[Any, Image.Image]]]:
+    """`(item, image)` batches of at most `batch_size` same-size images, each batch loaded only when it is reached,
+    so memory does not grow with the folder. An item whose image cannot be loaded goes to `fail(item, error)`."""
+    sizes = {path_of(item): image_size(path_of(item)) for item in items}
+    for batch in batches_by_size(items, lambda item: sizes[path_of(item)], batch_size):
+        loaded = []
+        for item in batch:
+            try:
+                loaded.append((item, load_image(path_of(item))))
+            except InputError as error:
+                fail(item, error)
+        yield from batches_by_size(loaded, lambda pair: pair[1].size, batch_size)
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -17,10 +17,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from utils import UserError, batches_by_size, load_image, pil_to_tensor, pick_device, read_prompts, write_json
+from utils import (
+    UserError,
+    batches_by_size,
+    image_size,
+    load_image,
+    pick_device,
+    pil_to_tensor,
+    read_prompts,
+    write_json,
+)
 
 from .metrics.base import CleanMetric, Metric, SourceMetric
 from .metrics.clip_score import ClipEmbedder, ClipI, ClipS
@@ -65,14 +73,6 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(scored)) if scored else float("nan")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except OSError:
-        return (0, 0)  # unreadable: loading it reports why
-
-
 def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequence[str], src_dir: Path | None = None,
              clean: EditSet | None = None, batch_size: int = 8, progress: bool = True) -> Results:
     """Score every edit of `sets` (and of `clean`, for the metrics that compare with the source)."""
@@ -104,7 +104,7 @@ def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequen
             for metric in with_source:
                 metric.set_prompt(prompts[i])
             bar = tqdm(total=len(names), desc=f"{edit_set.label} {folder.name}", leave=False, disable=not progress)
-            for batch in batches_by_size(names, lambda n: _image_size(edits[n]), batch_size):
+            for batch in batches_by_size(names, lambda n: image_size(edits[n]), batch_size):
                 _score_batch(results, edit_set.label, i, batch, edits, cleans, sources, with_clean, with_source)
                 bar.update(len(batch))
             bar.close()

@@ -8,8 +8,17 @@ import torch
 from PIL import Image
 
 import methods
-from conftest import AUTOENCODERS, random_images
-from utils import derive_seed, load_image, pil_to_tensor, protect_tensor, quantize_within, tensor_to_uint8
+from conftest import AUTOENCODERS, random_images, write_photo
+from utils import (
+    derive_seed,
+    image_size,
+    load_image,
+    loaded_batches,
+    pil_to_tensor,
+    protect_tensor,
+    quantize_within,
+    tensor_to_uint8,
+)
 
 
 def test_exif_orientation_is_honoured(tmp_path):
@@ -19,9 +28,23 @@ def test_exif_orientation_is_honoured(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
     Image.fromarray(array).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
     image = load_image(tmp_path / "rotated.jpg")
-    assert image.size == (70, 100)
+    assert image.size == (70, 100) == image_size(tmp_path / "rotated.jpg")
     top, bottom = np.asarray(image)[:40].mean(), np.asarray(image)[60:].mean()
     assert top > 200 and bottom < 50  # the white left half is now on top
+
+
+def test_batches_are_loaded_one_at_a_time_grouped_by_size(tmp_path):
+    paths = [write_photo(tmp_path / f"{name}.png", size=size) for name, size in
+             [("a", (80, 64)), ("b", (96, 64)), ("c", (80, 64)), ("d", (96, 64))]]
+    (tmp_path / "broken.png").write_text("not an image")
+    failed = []
+    batches = loaded_batches([*paths, tmp_path / "broken.png"], lambda p: p, 2, lambda p, e: failed.append(p.name))
+    first = next(batches)
+    assert image_size(tmp_path / "broken.png") == (0, 0) and failed == ["broken.png"]
+    assert [p.name for p, _ in first] == ["a.png", "c.png"] and all(im.size == (80, 64) for _, im in first)
+    paths[3].write_text("broken after the first batch")  # not loaded yet, so its failure shows now
+    assert [[p.name for p, _ in batch] for batch in batches] == [["b.png"]]
+    assert failed == ["broken.png", "d.png"]
 
 
 def test_transparency_is_composited_onto_white(tmp_path):
