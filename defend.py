@@ -23,6 +23,7 @@ from evaluation.metrics.psnr import psnr
 from methods.faces import NoFaceError
 from methods.transforms import EOT_TRANSFORMS, eot_transform
 from utils import (
+    EDITOR_IDS,
     UserError,
     cpu_generator,
     derive_seed,
@@ -45,7 +46,7 @@ logger = logging.getLogger("defend")
 
 #: Every default in one place: the official FaceLock code's, plus this project's additions.
 DEFAULTS = dict(
-    target_model="instruct-pix2pix", model_id="timbrooks/instruct-pix2pix", vae=None,
+    target_model="instruct-pix2pix", model_id=None, vae=None,
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
     fr_model="facenet", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None, eot=None,
     eot_samples=1,
@@ -88,9 +89,11 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--eot_samples", type=int, help="transformed copies averaged per step with --eot")
 
     models = parser.add_argument_group("models")
-    models.add_argument("--target_model", choices=["instruct-pix2pix", "stable-diffusion"],
+    models.add_argument("--target_model", choices=list(EDITOR_IDS),
                         help="the editor to protect against; its autoencoder (from --model_id) is attacked")
-    models.add_argument("--model_id", help="Hugging Face id or folder of the editor")
+    models.add_argument("--model_id", help="Hugging Face id or folder of the editor (default: "
+                                           "timbrooks/instruct-pix2pix, or stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                                           "for stable-diffusion)")
     models.add_argument("--vae", help="attack this autoencoder instead of the editor's (hub id or local folder, "
                                       "e.g. madebyollin/taesd)")
     models.add_argument("--fr_model", help="face recognition for facelock: facenet, sface, mobilefacenet, adaface "
@@ -137,6 +140,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     unknown = sorted(set(args.eot.split(",")) - set(EOT_TRANSFORMS)) if args.eot else []
     if unknown:
         parser.error(f"--eot takes a subset of {','.join(EOT_TRANSFORMS)}; unknown: {','.join(unknown)}")
+    args.model_id = args.model_id or EDITOR_IDS[args.target_model]
     return args
 
 

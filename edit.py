@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from utils import (
+    EDITOR_IDS,
     UserError,
     cpu_generator,
     derive_seed,
@@ -34,9 +35,6 @@ from utils import (
 
 logger = logging.getLogger("edit")
 
-#: Editor checkpoints by --model when --model_id is not given.
-MODEL_IDS = {"instruct-pix2pix": "timbrooks/instruct-pix2pix",
-             "stable-diffusion": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 #: Every default in one place. 50 denoising steps as in the official scripts (their README says 100, which
 #: doubles the cost; the paper's tables come from the scripts).
 DEFAULTS = dict(
@@ -49,7 +47,7 @@ DEFAULTS = dict(
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by edit.py and main_edit.py."""
     editor = parser.add_argument_group("editor")
-    editor.add_argument("--model", choices=list(MODEL_IDS),
+    editor.add_argument("--model", choices=list(EDITOR_IDS),
                         help="instruct-pix2pix (instruction editing) or stable-diffusion (img2img with the prompt)")
     editor.add_argument("--model_id", help="hub id or folder of the editor (default: timbrooks/instruct-pix2pix, or "
                                            "stable-diffusion-v1-5/stable-diffusion-v1-5 for stable-diffusion)")
@@ -90,7 +88,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     args = parser.parse_args(argv)
     if args.num_inference_steps < 1 or not 0 < args.strength <= 1 or args.max_size < 0:
         parser.error("--num_inference_steps must be >= 1, --strength in (0, 1] and --max_size >= 0")
-    args.model_id = args.model_id or MODEL_IDS[args.model]
+    args.model_id = args.model_id or EDITOR_IDS[args.model]
     if args.seed == -1:
         args.seed = random.randint(0, 2**32 - 1)
         print(f"seed {args.seed} (pass --seed {args.seed} to reproduce or resume)")

@@ -51,6 +51,8 @@ def test_targeted_flags_and_presets():
     paper = parse("--preset", "paper")
     assert (paper.attack_budget, paper.step_size, paper.num_iters) == (0.02, 0.003, 100)
     assert parse("--preset", "paper", "--attack_budget", "0.05").attack_budget == 0.05
+    assert parse("--target_model", "stable-diffusion").model_id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert parse("--target_model", "stable-diffusion", "--model_id", "my/sd").model_id == "my/sd"
     small = parse("--preset", "small")
     assert (small.vae, small.fr_model, small.lpips) == ("madebyollin/taesd", "sface", "none")
 
