@@ -7,6 +7,7 @@ like `../shared/assets/`, used where the Hugging Face hub cannot be reached).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -246,6 +247,19 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
 
 def write_json(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_csv(rows: Sequence[dict], path: str | Path, fieldnames: Sequence[str] | None = None) -> None:
+    """Dict rows as CSV, written atomically; the columns are `fieldnames`, or every key in order of appearance."""
+    columns = list(fieldnames) if fieldnames else list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

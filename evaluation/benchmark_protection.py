@@ -16,12 +16,10 @@ Protected photos are kept in the output folder, so a rerun with the same paramet
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
 import os
-import statistics
 from pathlib import Path
 from typing import Sequence
 
@@ -61,6 +59,7 @@ from utils import (
     run_script,
     save_png,
     tensor_to_uint8,
+    write_csv,
     write_json,
 )
 
@@ -68,6 +67,7 @@ from .metrics.facial import FaceSimilarity
 from .metrics.psnr import psnr
 from .metrics.ssim import ssim
 from .report import grid
+from .runner import nanmean
 
 logger = logging.getLogger(__name__)
 
@@ -243,14 +243,14 @@ def evaluate(args: argparse.Namespace, device: torch.device, names: list[str], p
                                          [derive_seed(args.seed, i, name)])[0] for i in prompts]
                     edits_tensor = torch.cat([pil_to_tensor(e) for e in edits]).to(device)
                     values = judges["heldout"].score(edits_tensor, [name] * len(edits)).tolist()
-                    scores["edit_heldout"].append(_nanmean(values))
+                    scores["edit_heldout"].append(nanmean(values))
             for k, name in enumerate(names):
                 rows.append({"method": method, "cleanup": cleanup, "photo": name,
                              "fr_heldout": scores["heldout"][k], "fr_attacked": scores["attacked"][k],
                              **({"fr_edit_heldout": scores["edit_heldout"][k]} if editor is not None else {}),
                              **{key: values[k] for key, values in visible.items()},
                              "seconds": timing.get(method, {}).get(name, 0.0)})
-            heldout = _nanmean([r["fr_heldout"] for r in rows[-len(names):]])
+            heldout = nanmean([r["fr_heldout"] for r in rows[-len(names):]])
             print(f"  {method:>18} {cleanup:>22}: held-out FR {heldout:.3f}", flush=True)
     write_csv(rows, output / "protection.csv")
     shown = names[:4]
@@ -262,24 +262,9 @@ def evaluate(args: argparse.Namespace, device: torch.device, names: list[str], p
     return rows
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(finite) if finite else float("nan")
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
-
-
 def report(rows: list[dict], methods: list[str], cleanups: list[str], args: argparse.Namespace) -> str:
     def mean(method: str, cleanup: str, key: str) -> float:
-        return _nanmean([r[key] for r in rows if r["method"] == method and r["cleanup"] == cleanup])
+        return nanmean([r[key] for r in rows if r["method"] == method and r["cleanup"] == cleanup])
 
     def cell(value: float, digits: int = 3) -> str:
         return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
@@ -294,9 +279,9 @@ def report(rows: list[dict], methods: list[str], cleanups: list[str], args: argp
         mine = [r for r in rows if r["method"] == method and r["cleanup"] == "none"]
         lines.append(f"| {method} | {cell(mean(method, 'none', 'fr_heldout'))} | "
                      f"{cell(mean(method, 'none', 'fr_attacked'))} | {max(r['linf_255'] for r in mine):.0f} | "
-                     f"{cell(_nanmean([r['psnr'] for r in mine if not math.isinf(r['psnr'])]), 1)} | "
-                     f"{cell(_nanmean([r['ssim'] for r in mine]))} | "
-                     f"{cell(_nanmean([r['seconds'] for r in mine]), 1)} |")
+                     f"{cell(nanmean([r['psnr'] for r in mine if not math.isinf(r['psnr'])]), 1)} | "
+                     f"{cell(nanmean([r['ssim'] for r in mine]))} | "
+                     f"{cell(nanmean([r['seconds'] for r in mine]), 1)} |")
     for key, title in (("fr_heldout", f"held-out FR ({args.judge}) ↓"),
                        ("fr_attacked", f"attacked FR ({args.fr_model}) ↓"),
                        ("fr_edit_heldout", f"held-out FR of real edits ({args.editor}) ↓")):

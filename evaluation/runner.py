@@ -7,7 +7,6 @@ edits are scored in batches of one image size.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 from collections import defaultdict
@@ -21,12 +20,14 @@ from tqdm.auto import tqdm
 
 from utils import (
     UserError,
+    atomic_write,
     batches_by_size,
     image_size,
     load_image,
     pick_device,
     pil_to_tensor,
     read_prompts,
+    write_csv,
     write_json,
 )
 
@@ -61,14 +62,14 @@ class Results:
         by_prompt = self.scores[metric.key][label]
         values = np.array([v for prompt in by_prompt.values() for v in prompt.values()], dtype=np.float64)
         scored = values[~np.isnan(values)]
-        means = {f"prompt{i}": _mean(list(by_prompt[i].values())) for i in sorted(by_prompt)}
-        finite = [m for m in means.values() if not math.isnan(m)]
-        return {"method": label, "mean": float(np.mean(finite)) if finite else float("nan"),
+        means = {f"prompt{i}": nanmean(list(by_prompt[i].values())) for i in sorted(by_prompt)}
+        return {"method": label, "mean": nanmean(list(means.values())),
                 "std": float(np.std(scored)) if len(scored) else float("nan"), "scored": int(len(scored)),
                 "unscored": int(np.isnan(values).sum()), "missing": len(self.missing[label]), **means}
 
 
-def _mean(values: list[float]) -> float:
+def nanmean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN (NaN if none is)."""
     scored = [v for v in values if not math.isnan(v)]
     return float(np.mean(scored)) if scored else float("nan")
 
@@ -200,24 +201,16 @@ def markdown(results: Results) -> str:
 
 def write(results: Results, output: Path, name: str) -> str:
     """Write `<metric>.csv` (summary per method), `<metric>_per_image.csv` and `<name>.md`; return the markdown."""
-    output.mkdir(parents=True, exist_ok=True)
     for metric in results.metrics:
         rows = [results.summary(metric, label) for label in results.labels(metric)]
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        with (output / f"{metric.key}.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns or ["method"])
-            writer.writeheader()
-            writer.writerows(rows)
-        with (output / f"{metric.key}_per_image.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["method", "prompt", "image", metric.key])
-            for label, by_prompt in results.scores[metric.key].items():
-                for prompt, by_name in sorted(by_prompt.items()):
-                    for image, value in sorted(by_name.items()):
-                        writer.writerow([label, prompt, image, value])
+        write_csv(rows, output / f"{metric.key}.csv", None if rows else ["method"])
+        per_image = [{"method": label, "prompt": prompt, "image": image, metric.key: value}
+                     for label, by_prompt in results.scores[metric.key].items()
+                     for prompt, by_name in sorted(by_prompt.items()) for image, value in sorted(by_name.items())]
+        write_csv(per_image, output / f"{metric.key}_per_image.csv", ["method", "prompt", "image", metric.key])
     write_json({label: names for label, names in results.missing.items()}, output / f"{name}_missing.json")
     text = markdown(results)
-    (output / f"{name}.md").write_text(text)
+    atomic_write(output / f"{name}.md", lambda tmp: tmp.write_text(text))
     return text
 
 
