@@ -23,6 +23,7 @@ from evaluation.metrics.psnr import psnr
 from methods.faces import NoFaceError
 from methods.transforms import EOT_TRANSFORMS, eot_transform
 from utils import (
+    EDITOR_ID_HELP,
     EDITOR_IDS,
     UserError,
     cpu_generator,
@@ -91,9 +92,7 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models")
     models.add_argument("--target_model", choices=list(EDITOR_IDS),
                         help="the editor to protect against; its autoencoder (from --model_id) is attacked")
-    models.add_argument("--model_id", help="Hugging Face id or folder of the editor (default: "
-                                           "timbrooks/instruct-pix2pix, or stable-diffusion-v1-5/stable-diffusion-v1-5 "
-                                           "for stable-diffusion)")
+    models.add_argument("--model_id", help=EDITOR_ID_HELP)
     models.add_argument("--vae", help="attack this autoencoder instead of the editor's (hub id or local folder, "
                                       "e.g. madebyollin/taesd)")
     models.add_argument("--fr_model", help="face recognition for facelock: facenet, sface, mobilefacenet, adaface "

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from utils import (
+    EDITOR_ID_HELP,
     EDITOR_IDS,
     UserError,
     cpu_generator,
@@ -49,8 +50,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     editor = parser.add_argument_group("editor")
     editor.add_argument("--model", choices=list(EDITOR_IDS),
                         help="instruct-pix2pix (instruction editing) or stable-diffusion (img2img with the prompt)")
-    editor.add_argument("--model_id", help="hub id or folder of the editor (default: timbrooks/instruct-pix2pix, or "
-                                           "stable-diffusion-v1-5/stable-diffusion-v1-5 for stable-diffusion)")
+    editor.add_argument("--model_id", help=EDITOR_ID_HELP)
     editor.add_argument("--vae", help="decode with this autoencoder instead (e.g. madebyollin/taesd for previews)")
     editor.add_argument("--seed", type=int, help="run seed; every edit derives its own from it, the prompt index and "
                                                  "the image name (-1: pick one and print it)")

@@ -41,6 +41,8 @@ LOCAL_COPIES = {
 #: Editor checkpoints by --model / --target_model when --model_id is not given.
 EDITOR_IDS = {"instruct-pix2pix": "timbrooks/instruct-pix2pix",
               "stable-diffusion": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+EDITOR_ID_HELP = (f"Hugging Face id or folder of the editor (default: {EDITOR_IDS['instruct-pix2pix']}, or "
+                  f"{EDITOR_IDS['stable-diffusion']} for stable-diffusion)")
 SFACE_URL = "https://github.com/opencv/opencv_zoo/raw/main/models/face_recognition_sface/face_recognition_sface_2021dec.onnx"
 VERSIONED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "facenet-pytorch", "lpips", "onnx2torch",
                       "accelerate", "numpy", "pillow", "scikit-image")
