@@ -17,6 +17,7 @@ from PIL import Image
 
 import defend
 import main_defend
+import methods
 from conftest import ROOT, export_tiny_onnx_face_model, write_photo
 from utils import ModelUnavailable, UserError, load_image
 
@@ -61,7 +62,7 @@ def test_targeted_flags_and_presets():
 def test_help_lists_every_method(script):
     result = run(script, "--help")
     assert result.returncode == 0
-    for name in ("encoder", "vae", "cw", "facelock"):
+    for name in methods.METHODS:
         assert f"  {name} " in result.stdout
     assert "--attack_budget" in result.stdout and "--preset" in result.stdout
 

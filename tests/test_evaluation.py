@@ -155,9 +155,16 @@ def test_source_metrics_score_the_clean_row_and_embed_each_source_once(tmp_path)
     assert results.summary(metric, "method")["scored"] == 6
 
 
-def test_fr_needs_the_clean_edits_only_for_clean_metrics(tmp_path):
+def test_clean_metrics_need_the_clean_edits_and_source_metrics_do_not(tmp_path):
     with pytest.raises(UserError, match="--clean_edit_dir"):
         runner.evaluate([PSNR()], [], ["x"], clean=None)
+    sources = tmp_path / "src"
+    sources.mkdir()
+    write_photo(sources / "a.png", size=(72, 64))
+    metric = ClipI(ClipEmbedder(*tiny_clip()))
+    results = runner.evaluate([metric], edit_sets(make_edits(tmp_path / "method", 2, ["a"]), 0), ["x", "y"],
+                              src_dir=sources, clean=None, progress=False)
+    assert results.labels(metric) == ["method"] and results.summary(metric, "method")["scored"] == 2
 
 
 def test_report_writes_grids_of_the_expected_size_and_a_page(tmp_path):
