@@ -213,8 +213,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, names: list[str], p
     prompts = [int(i) for i in args.edit_prompts.split(",")]
     sources = torch.cat([pil_to_tensor(load_image(photos_dir / f"{n}.png")) for n in names]).to(device)
     for judge in judges.values():
-        for k, name in enumerate(names):
-            judge.add_sources([name], sources[k:k + 1])
+        judge.add_sources(names, sources)
     timing = {method: {Path(e["source"]).stem: e["seconds"]
                        for e in json.loads((folder / "manifest.json").read_text())["outputs"].values()}
               for method, folder in protected_dirs.items() if (folder / "manifest.json").is_file()}
