@@ -4,7 +4,8 @@ Images are `N x 3 x H x W` tensors in `[-1, 1]`. A `FaceDetector` finds boxes an
 mouth corners) once, on clean images. Alignment is a 2 x 3 matrix per face from image pixels to the embedder's
 crop (a 5-point similarity onto the ArcFace template, or the detector box for facenet), applied with
 `affine_grid`/`grid_sample` so that gradients reach every input pixel. A `FaceEmbedder` turns aligned crops into
-unit vectors. `FaceIdentity` puts them together for the FaceLock loss and the FR metric.
+unit vectors. `FaceIdentity` puts them together for the FaceLock loss and the FR metric; `FaceEnsemble` puts
+several face models behind the same interface (one detection, similarities combined).
 """
 
 from __future__ import annotations
@@ -204,6 +205,14 @@ class FaceIdentity(nn.Module):
         self.embedder = embedder
         self.detector = detector
 
+    @property
+    def name(self) -> str:
+        return self.embedder.name
+
+    def networks(self) -> list[nn.Module]:
+        """The face-recognition networks doing the work (what `--compile` compiles)."""
+        return [self.embedder.network]
+
     def embed(self, images: torch.Tensor, faces: Faces | None = None) -> tuple[torch.Tensor, Faces, torch.Tensor]:
         """Embeddings (`K x D`) of the faces in `images`, detecting them unless `faces` is given; also returns the
         faces and their crop matrices."""
@@ -214,18 +223,88 @@ class FaceIdentity(nn.Module):
         crops = crop_faces(images.float(), faces, matrices, self.embedder.size)
         return self.embedder(crops, faces, matrices), faces, matrices
 
-    def reference(self, x: torch.Tensor) -> FaceReference:
-        embeddings, faces, matrices = self.embed(x)
+    def reference(self, x: torch.Tensor, faces: Faces | None = None) -> FaceReference:
+        """The clean faces of `x`: detected here unless `faces` (found by another model's detector) is given."""
+        embeddings, faces, matrices = self.embed(x, faces)
         return FaceReference(faces, matrices, embeddings.detach())
 
-    def forward(self, y: torch.Tensor, reference: FaceReference) -> torch.Tensor:
+    def crops(self, y: torch.Tensor, reference: FaceReference) -> torch.Tensor:
+        """`y` cropped at the clean faces' positions, as this model's embedder takes them."""
+        return crop_faces(y.float(), reference.faces, reference.matrices, self.embedder.size)
+
+    def similarity(self, crops: torch.Tensor, reference: FaceReference, count: int) -> torch.Tensor:
+        """Per image of `count`, the summed cosine similarity of the `crops` to the clean embeddings."""
         faces = reference.faces
-        out = y.new_zeros(len(y), dtype=torch.float32)
-        if len(faces.index) == 0:
-            return out
-        crops = crop_faces(y.float(), faces, reference.matrices, self.embedder.size)
         similarity = (self.embedder(crops, faces, reference.matrices) * reference.embeddings).sum(dim=1)
-        return out.index_add(0, faces.index, similarity)
+        return crops.new_zeros(count, dtype=torch.float32).index_add(0, faces.index, similarity.float())
+
+    def forward(self, y: torch.Tensor, reference: FaceReference) -> torch.Tensor:
+        if len(reference.faces.index) == 0:
+            return y.new_zeros(len(y), dtype=torch.float32)
+        return self.similarity(self.crops(y, reference), reference, len(y))
+
+
+@dataclass
+class EnsembleReference:
+    """The clean faces of a batch, found once, with each member model's reference."""
+
+    faces: Faces
+    members: list[FaceReference]
+
+    @property
+    def found(self) -> torch.Tensor:
+        return self.faces.found
+
+
+class FaceEnsemble(nn.Module):
+    """Several face models behind the interface of one `FaceIdentity`: faces are detected once (by the first
+    member's detector), each model embeds them with its own alignment, crops are shared between models whose
+    contracts agree (same crop size and alignment), and the per-image similarities are combined by `combine`:
+    "mean" (default) or "max" (the per-image maximum, so an attack that lowers it works on the hardest model).
+    """
+
+    COMBINE = ("mean", "max")
+
+    def __init__(self, members: list[FaceIdentity], combine: str = "mean") -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("a face ensemble needs at least one model")
+        if combine not in self.COMBINE:
+            raise ValueError(f"combine must be one of {self.COMBINE}, got {combine!r}")
+        self.members = nn.ModuleList(members)
+        self.combine = combine
+
+    @property
+    def name(self) -> str:
+        return ",".join(member.name for member in self.members)
+
+    @property
+    def detector(self) -> Callable[[torch.Tensor], Faces]:
+        return self.members[0].detector
+
+    def networks(self) -> list[nn.Module]:
+        return [network for member in self.members for network in member.networks()]
+
+    def reference(self, x: torch.Tensor, faces: Faces | None = None) -> EnsembleReference:
+        faces = self.detector(x) if faces is None else faces
+        return EnsembleReference(faces, [member.reference(x, faces) for member in self.members])
+
+    def per_model(self, y: torch.Tensor, reference: EnsembleReference) -> torch.Tensor:
+        """`M x N`: each member's similarity per image."""
+        if len(reference.faces.index) == 0:
+            return y.new_zeros((len(self.members), len(y)), dtype=torch.float32)
+        crops: dict[tuple, torch.Tensor] = {}
+        values = []
+        for member, ref in zip(self.members, reference.members):
+            key = (member.embedder.size, member.embedder.alignment)
+            if key not in crops:
+                crops[key] = member.crops(y, ref)
+            values.append(member.similarity(crops[key], ref, len(y)))
+        return torch.stack(values)
+
+    def forward(self, y: torch.Tensor, reference: EnsembleReference) -> torch.Tensor:
+        values = self.per_model(y, reference)
+        return values.mean(dim=0) if self.combine == "mean" else values.max(dim=0).values
 
 
 # --------------------------------------------------------------------------------------------------- loading

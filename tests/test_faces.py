@@ -8,8 +8,8 @@ import torch
 from skimage.transform import SimilarityTransform, warp
 
 from conftest import TinyFaceNet, centre_faces, export_tiny_onnx_face_model, random_images, tiny_face_identity
-from methods.faces import (ARCFACE_TEMPLATE, FaceEmbedder, FaceIdentity, Faces, crop_faces, load_onnx_embedder,
-                           read_contract)
+from methods.faces import (ARCFACE_TEMPLATE, FaceEmbedder, FaceEnsemble, FaceIdentity, Faces, crop_faces,
+                           load_onnx_embedder, read_contract)
 
 
 def test_alignment_matches_a_reference_warp_and_passes_gradients():
@@ -119,3 +119,52 @@ def test_facenet_loader_with_a_random_inception_resnet(monkeypatch):
     with torch.no_grad():
         embeddings, faces, _ = identity.embed(random_images(1, size=96))
     assert embeddings.shape == (1, 512) and torch.allclose(embeddings.norm(dim=1), torch.ones(1))
+
+
+def tiny_identity(seed: int, detector) -> FaceIdentity:
+    network = TinyFaceNet()
+    torch.manual_seed(seed)  # after TinyFaceNet's own seeding
+    for p in network.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return FaceIdentity(FaceEmbedder(network.eval(), size=(32, 32), input_range=(-1, 1)), detector)
+
+
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_an_ensemble_detects_once_shares_crops_and_combines_similarities(combine, monkeypatch):
+    import methods.faces as faces_module
+
+    detections, crops = [], []
+    detector = lambda images: detections.append(len(images)) or centre_faces(images)  # noqa: E731
+    members = [tiny_identity(seed, detector) for seed in (10, 11)]
+    ensemble = FaceEnsemble(members, combine=combine)
+    x, y = random_images(3, size=48, seed=0), random_images(3, size=48, seed=1)
+    reference = ensemble.reference(x)
+    assert detections == [3]
+    real_crop = faces_module.crop_faces
+    monkeypatch.setattr(faces_module, "crop_faces", lambda *a: crops.append(1) or real_crop(*a))
+    combined = ensemble(y, reference)
+    assert len(crops) == 1  # the two models share one contract, hence one crop
+    singles = torch.stack([member(y, member.reference(x)) for member in members])
+    assert not torch.allclose(singles[0], singles[1])
+    expected = singles.mean(dim=0) if combine == "mean" else singles.max(dim=0).values
+    assert torch.allclose(combined, expected, atol=1e-6)
+    assert reference.found.all() and ensemble.name == ","
+    y.requires_grad_(True)
+    ensemble(y, reference).sum().backward()
+    assert y.grad.abs().sum() > 0
+
+
+def test_a_comma_separated_fr_model_loads_each_model_once_as_an_ensemble(tmp_path, monkeypatch):
+    import utils
+
+    first, second = (export_tiny_onnx_face_model(tmp_path / name) for name in ("one", "two"))
+    loaded = []
+    real = utils._load_face_embedder
+    monkeypatch.setattr(utils, "_load_face_embedder", lambda spec: loaded.append(spec) or real(spec))
+    ensemble = utils.load_face_identity(f"{first},{second}", torch.device("cpu"), combine="max")
+    assert isinstance(ensemble, FaceEnsemble) and ensemble.combine == "max" and len(ensemble.members) == 2
+    assert loaded == [str(first), str(second)]
+    assert ensemble.members[0].detector is ensemble.members[1].detector
+    assert isinstance(utils.load_face_identity(str(first), torch.device("cpu")), FaceIdentity)
+    with pytest.raises(utils.ModelUnavailable, match="different face models"):
+        utils.load_face_identity(f"{first},{first}", torch.device("cpu"))
