@@ -49,8 +49,8 @@ logger = logging.getLogger("defend")
 DEFAULTS = dict(
     target_model="instruct-pix2pix", model_id=None, vae=None,
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
-    fr_model="facenet", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None, eot=None,
-    eot_samples=1,
+    fr_model="facenet", fr_combine="mean", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
+    eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0,
     device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
     max_size=1024, overwrite=False,
 )
@@ -88,6 +88,12 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--eot", help="optimise through random cleanups so the protection survives them (expectation "
                                       f"over transformation): comma-separated, of {','.join(EOT_TRANSFORMS)}")
     method.add_argument("--eot_samples", type=int, help="transformed copies averaged per step with --eot")
+    method.add_argument("--momentum", type=float,
+                        help="PGD methods: MI-FGSM momentum (e.g. 1.0; 0: plain sign steps)")
+    method.add_argument("--input_diversity", type=float,
+                        help="PGD methods: probability per step of a random shrink-and-pad of the input (DI; 0: off)")
+    method.add_argument("--ti_kernel", type=int,
+                        help="PGD methods: smooth the gradient with a Gaussian of this odd size in pixels (TI; 0: off)")
 
     models = parser.add_argument_group("models")
     models.add_argument("--target_model", choices=list(EDITOR_IDS),
@@ -95,8 +101,12 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--model_id", help=EDITOR_ID_HELP)
     models.add_argument("--vae", help="attack this autoencoder instead of the editor's (hub id or local folder, "
                                       "e.g. madebyollin/taesd)")
-    models.add_argument("--fr_model", help="face recognition for facelock: facenet, sface, mobilefacenet, adaface "
-                                           "or a path to an .onnx face model")
+    models.add_argument("--fr_model", help="face recognition for facelock: facenet, sface, mobilefacenet, mobileface, "
+                                           "adaface or a path to an .onnx face model; a comma-separated list attacks "
+                                           "them together (e.g. sface,mobileface)")
+    models.add_argument("--fr_combine", choices=["mean", "max"],
+                        help="with several --fr_model: attack their mean similarity, or per image the highest "
+                             "(the hardest model)")
     models.add_argument("--faces", choices=["largest", "all"], help="facelock: protect the largest face or all")
     models.add_argument("--allow_no_face", action="store_true", default=None,
                         help="facelock: protect images without a detectable face with the latent and LPIPS terms")
@@ -136,6 +146,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
         parser.error(f"--attack_budget must be in (0, {MAX_BUDGET}] ([-1, 1] units), got {args.attack_budget}")
     if args.step_size <= 0 or args.num_iters < 1 or args.max_size < 0 or args.eot_samples < 1:
         parser.error("--step_size must be > 0, --num_iters and --eot_samples >= 1 and --max_size >= 0")
+    if args.momentum < 0 or not 0 <= args.input_diversity <= 1 or (args.ti_kernel and args.ti_kernel % 2 == 0) \
+            or args.ti_kernel < 0:
+        parser.error("--momentum must be >= 0, --input_diversity in [0, 1] and --ti_kernel 0 or odd")
     unknown = sorted(set(args.eot.split(",")) - set(EOT_TRANSFORMS)) if args.eot else []
     if unknown:
         parser.error(f"--eot takes a subset of {','.join(EOT_TRANSFORMS)}; unknown: {','.join(unknown)}")
@@ -150,15 +163,17 @@ def budget_in_255(budget: float) -> str:
 def build_attack(args: argparse.Namespace, device: torch.device, progress: bool = True) -> methods.Attack:
     """Load the models the chosen method needs and build it from the options."""
     cls = methods.get_method(args.defend_method)
-    if args.eot and not issubclass(cls, methods.PGDAttack):
+    levers = [flag for flag, on in (("--eot", args.eot), ("--momentum", args.momentum),
+                                    ("--input_diversity", args.input_diversity), ("--ti_kernel", args.ti_kernel)) if on]
+    if levers and not issubclass(cls, methods.PGDAttack):
         pgd = ", ".join(name for name, c in methods.METHODS.items() if issubclass(c, methods.PGDAttack))
-        raise UserError(f"--eot works with the PGD methods ({pgd}), not {args.defend_method}")
+        raise UserError(f"{' and '.join(levers)} work(s) with the PGD methods ({pgd}), not {args.defend_method}")
     dtype = pick_dtype(args.dtype, device)
     components = {}
     if "autoencoder" in cls.models:
         components["autoencoder"] = load_autoencoder(args.vae, args.model_id, device, dtype)
     if "face" in cls.models:
-        components["face"] = load_face_identity(args.fr_model, device, keep=args.faces)
+        components["face"] = load_face_identity(args.fr_model, device, keep=args.faces, combine=args.fr_combine)
     if "perceptual" in cls.models:
         components["perceptual"] = load_perceptual(args.lpips, device)
         if components["perceptual"] is None:
@@ -176,6 +191,7 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
         num_iters=args.num_iters, targeted=args.targeted, c=args.c, lr=args.lr,
         allow_no_face=args.allow_no_face, target_fr=args.target_fr, progress=progress,
         eot=eot_transform(args.eot.split(",")) if args.eot else None, eot_samples=args.eot_samples,
+        momentum=args.momentum, input_diversity=args.input_diversity, ti_kernel=args.ti_kernel,
     )
 
 
@@ -186,7 +202,7 @@ def compile_models(components: dict) -> None:
     if "autoencoder" in components:
         networks += [components["autoencoder"].encoder, components["autoencoder"].decoder]
     if components.get("face") is not None:
-        networks.append(components["face"].embedder.network)
+        networks += components["face"].networks()
     if components.get("perceptual") is not None:
         networks.append(components["perceptual"].lpips.net)
     for network in networks:
@@ -201,10 +217,14 @@ def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
         parts.append(f"{args.num_iters} iterations")
     if getattr(attack, "eot", None) is not None:
         parts.append(f"EOT over {args.eot} ({args.eot_samples} per step)")
+    levers = [f"{name} {value}" for name, value in (("momentum", args.momentum), ("DI", args.input_diversity),
+                                                     ("TI kernel", args.ti_kernel)) if value]
+    if levers and isinstance(attack, methods.PGDAttack):
+        parts.append(", ".join(levers))
     if "autoencoder" in attack.models:
         parts.append(f"autoencoder {args.vae or args.model_id + ' (vae)'}")
     if "face" in attack.models:
-        parts.append(f"face model {args.fr_model}")
+        parts.append(f"face model {args.fr_model}" + (f" ({args.fr_combine})" if "," in args.fr_model else ""))
     if "perceptual" in attack.models:
         parts.append(f"LPIPS {args.lpips}")
     return ", ".join(parts)

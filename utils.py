@@ -37,6 +37,7 @@ LOCAL_COPIES = {
     "madebyollin/taesd": "models/taesd",
     "sface": "models/sface/model.onnx",
     "mobilefacenet": "models/mobilefacenet/model.onnx",
+    "mobileface": "models/mobileface/model.onnx",
 }
 #: Editor checkpoints by --model / --target_model when --model_id is not given.
 EDITOR_IDS = {"instruct-pix2pix": "timbrooks/instruct-pix2pix",
@@ -303,7 +304,9 @@ class BatchRun:
         self.state = PartialState(cpu=cpu)  # with cpu=True, CPU processes (e.g. under torchrun) talk over gloo
         self.folder = folder
         earlier = self._read()
-        changed = [k for k in defining if earlier.get("parameters") and earlier["parameters"].get(k) != parameters[k]]
+        # a parameter missing from an earlier manifest was added later, with a default that keeps the old behaviour
+        changed = [k for k in defining
+                   if earlier.get("parameters") and earlier["parameters"].get(k, parameters[k]) != parameters[k]]
         if changed and not overwrite:
             before = ", ".join(f"--{k} {earlier['parameters'].get(k)}" for k in changed)
             raise UserError(f"{folder} holds results made with {before}; use another output folder or --overwrite")
@@ -443,29 +446,41 @@ def load_autoencoder(spec: str | None, model_id: str, device: torch.device, dtyp
     return vae.to(device).eval()
 
 
-def load_face_identity(spec: str, device: torch.device, keep: str = "largest") -> torch.nn.Module:
+def load_face_identity(spec: str, device: torch.device, keep: str = "largest",
+                       combine: str = "mean") -> torch.nn.Module:
     """Face detection, alignment and recognition for `--fr_model`: `facenet`, `sface`, `mobilefacenet`,
-    `adaface`, or a path to an ONNX face model (with a `model.json` contract beside it)."""
-    from methods.faces import FaceDetector, FaceIdentity, load_adaface, load_facenet, load_onnx_embedder
+    `mobileface`, `adaface`, or a path to an ONNX face model (with a `model.json` contract beside it). A
+    comma-separated list gives a `FaceEnsemble` of those models, each loaded once, sharing one detector, their
+    similarities combined by `combine` (mean or max)."""
+    from methods.faces import FaceDetector, FaceEnsemble, FaceIdentity
+
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names or len(set(names)) < len(names):
+        raise ModelUnavailable(f"--fr_model {spec!r}: name one or more different face models, comma-separated")
+    detector = FaceDetector(keep=keep)
+    members = [FaceIdentity(_load_face_embedder(name).to(device).eval(), detector) for name in names]
+    return members[0] if len(members) == 1 else FaceEnsemble(members, combine=combine)
+
+
+def _load_face_embedder(spec: str) -> torch.nn.Module:
+    from methods.faces import load_adaface, load_facenet, load_onnx_embedder
 
     try:
         if spec == "facenet":
-            embedder = load_facenet()
-        elif spec == "adaface":
-            embedder = load_adaface()
-        elif spec in ("sface", "mobilefacenet"):
-            embedder = load_onnx_embedder(local_copy(spec) or _download_onnx_face(spec))
-        elif spec.endswith(".onnx"):
-            embedder = load_onnx_embedder(spec)
-        else:
-            raise ModelUnavailable(f"unknown --fr_model {spec!r}; use facenet, sface, mobilefacenet, adaface or a "
-                                   f"path to an .onnx face model")
+            return load_facenet()
+        if spec == "adaface":
+            return load_adaface()
+        if spec in ("sface", "mobilefacenet", "mobileface"):
+            return load_onnx_embedder(local_copy(spec) or _download_onnx_face(spec))
+        if spec.endswith(".onnx"):
+            return load_onnx_embedder(spec)
+        raise ModelUnavailable(f"unknown face model {spec!r}; use facenet, sface, mobilefacenet, mobileface, "
+                               f"adaface or a path to an .onnx face model")
     except FileNotFoundError as error:
         raise ModelUnavailable(str(error)) from None
     except OSError as error:  # downloads: urllib's URLError, hub errors
         raise ModelUnavailable(f"cannot load face model {spec!r} ({str(error).splitlines()[0]}); "
                                f"{_offline_hint(spec)}") from None
-    return FaceIdentity(embedder.to(device).eval(), FaceDetector(keep=keep))
 
 
 def _download_onnx_face(name: str) -> Path:

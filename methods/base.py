@@ -13,6 +13,7 @@ import logging
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -139,18 +140,39 @@ class PGDAttack(Attack):
     Expectation over transformation: with `eot` (a random differentiable transform, see `methods.transforms`),
     each step follows the gradient averaged over `eot_samples` transformed copies, so the protection survives
     the cleanups it is optimised for. Transforms are drawn from each image's own generator.
+
+    Transfer levers (each off by default, so that the attack is plain PGD; each usable by any PGD method):
+
+    - `momentum` (MI-FGSM, Dong et al., CVPR 2018, https://arxiv.org/abs/1710.06081): steps follow the sign of
+      `g = momentum * g + grad / mean|grad|` (per image) instead of the sign of the gradient.
+    - `input_diversity` (DI, Xie et al., CVPR 2019, https://arxiv.org/abs/1803.06978): with this probability per
+      image and step, the input is shrunk by a random factor in `[diversity_scale, 1]` and padded back to its size
+      at a random offset (`methods.transforms.ResizePad`), after the EOT transform.
+    - `ti_kernel` (TI, Dong et al., CVPR 2019, https://arxiv.org/abs/1904.02884): the gradient is smoothed by a
+      Gaussian kernel of this many pixels (odd; standard deviation `(ti_kernel - 1) / 6`) before the step.
     """
 
     def __init__(self, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
                  eot: Callable[[torch.Tensor, Generators], torch.Tensor] | None = None, eot_samples: int = 1,
-                 progress: bool = False):
+                 momentum: float = 0.0, input_diversity: float = 0.0, diversity_scale: float = 0.9,
+                 ti_kernel: int = 0, progress: bool = False):
         super().__init__(eps=eps, progress=progress)
         if step_size <= 0 or num_iters < 1 or eot_samples < 1:
             raise ValueError(f"need step_size > 0, num_iters >= 1 and eot_samples >= 1, got {step_size}, "
                              f"{num_iters} and {eot_samples}")
+        if momentum < 0 or not 0 <= input_diversity <= 1 or not 0 < diversity_scale <= 1 or (
+                ti_kernel and (ti_kernel < 0 or ti_kernel % 2 == 0)):
+            raise ValueError(f"need momentum >= 0, input_diversity in [0, 1], diversity_scale in (0, 1] and ti_kernel "
+                             f"0 or odd, got {momentum}, {input_diversity}, {diversity_scale} and {ti_kernel}")
         self.step_size = step_size
         self.num_iters = num_iters
         self.eot, self.eot_samples = eot, eot_samples
+        self.momentum, self.ti_kernel = momentum, ti_kernel
+        self.diversity = None
+        if input_diversity > 0:
+            from .transforms import ResizePad
+
+            self.diversity = ResizePad(scale=(diversity_scale, 1.0), probability=input_diversity)
 
     def step_size_at(self, i: int) -> float:
         return self.step_size - (self.step_size - self.step_size / 100) / self.num_iters * i
@@ -167,10 +189,23 @@ class PGDAttack(Attack):
         value, grad = 0, 0
         for _ in range(samples):
             x = x_adv.detach().requires_grad_(True)
-            sample = self.objective(self.eot(x, generators) if self.eot is not None else x, reference, i)
+            y = self.eot(x, generators) if self.eot is not None else x
+            if self.diversity is not None:
+                y = self.diversity(y, generators)
+            sample = self.objective(y, reference, i)
             value = value + sample.detach()
             grad = grad + torch.autograd.grad(sample.sum(), [x])[0]
         return value / samples, grad
+
+    def direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        """The step direction from this iteration's gradient: smoothed (TI), accumulated (momentum), then its sign.
+        `state` carries the momentum from one iteration to the next."""
+        if self.ti_kernel > 1:
+            grad = gaussian_smooth(grad, self.ti_kernel)
+        if self.momentum > 0:
+            scale = grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            grad = state["momentum"] = self.momentum * state.get("momentum", 0) + grad / scale
+        return grad.sign()
 
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():
@@ -178,6 +213,7 @@ class PGDAttack(Attack):
         x_adv = project(x + uniform_noise(x, -self.eps, self.eps, generator), x, self.eps, self.bounds)
         active = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
         generators = per_sample_generators(generator, len(x))
+        state: dict = {}
         bar = self.iterations(self.num_iters, desc=self.name)
         for i in bar:
             value, grad = self.value_and_grad(x_adv, reference, i, generators)
@@ -187,7 +223,19 @@ class PGDAttack(Attack):
                 if not active.any():
                     logger.info("%s: every image reached its goal after %d iterations", self.name, i)
                     return x_adv.detach()
-            step = self.step_size_at(i) * grad.sign() * active
+            step = self.step_size_at(i) * self.direction(grad, state) * active
             x_adv = project(x_adv.detach() + step, x, self.eps, self.bounds)
             bar.set_postfix(objective=f"{value.mean().item():.4f}")
         return x_adv
+
+
+def gaussian_smooth(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Each channel of `N x C x H x W` convolved with a normalised `size x size` Gaussian (`size` odd; standard
+    deviation `(size - 1) / 6`, as TI's kernel over +-3 sigma), zero-padded to keep the shape."""
+    sigma = max((size - 1) / 6, 1e-6)
+    offsets = torch.arange(size, dtype=t.dtype, device=t.device) - (size - 1) / 2
+    kernel = torch.exp(-offsets**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = t.shape[1]
+    t = F.conv2d(t, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), padding=(0, size // 2), groups=channels)
+    return F.conv2d(t, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), padding=(size // 2, 0), groups=channels)

@@ -200,6 +200,25 @@ class Quantize(Transform):
         return _round((x + 1) / 2 * levels) / levels * 2 - 1
 
 
+class ResizePad(Transform):
+    """Input diversity (DI): with `probability`, shrink the image by a factor drawn from `scale` and pad it back to
+    its size at a random offset with mid-grey (0); otherwise leave it unchanged."""
+
+    def __init__(self, scale: Range = (0.9, 1.0), probability: float = 1.0) -> None:
+        self.scale, self.probability = scale, probability
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if _draw((0.0, 1.0), generator) >= self.probability:
+            return x
+        height, width = x.shape[-2:]
+        scale = _draw(self.scale, generator)
+        h, w = max(round(height * scale), 1), max(round(width * scale), 1)
+        top = min(int(_draw((0.0, height - h + 1.0), generator)), height - h)
+        left = min(int(_draw((0.0, width - w + 1.0), generator)), width - w)
+        small = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        return F.pad(small, (left, width - w - left, top, height - h - top), value=0.0)
+
+
 class Compose(Transform):
     """The transforms one after the other."""
 

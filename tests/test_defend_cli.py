@@ -300,3 +300,19 @@ def test_compile_is_opt_in_and_covers_every_network(tmp_path, tiny_vae_dir, monk
     assert defend.main(common) == 0 and compiled == []
     assert defend.main([*common, "--overwrite", "--compile"]) == 0
     assert compiled == ["EncoderTiny", "DecoderTiny", "GraphModule"]
+
+
+def test_an_ensemble_of_face_models_and_the_transfer_levers_from_the_command_line(tmp_path, tiny_vae_dir, capsys):
+    first, second = (export_tiny_onnx_face_model(tmp_path / name) for name in ("one", "two"))
+    source = write_photo(tmp_path / "in.png")
+    common = ["--input_path", str(source), "--vae", str(tiny_vae_dir), "--lpips", "none", "--allow_no_face", *FAST]
+    assert defend.main([*common, "--defend_method", "facelock", "--fr_model", f"{first},{second}", "--fr_combine",
+                        "max", "--momentum", "1", "--input_diversity", "0.5", "--ti_kernel", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"face model {first},{second} (max)" in printed and "momentum 1.0, DI 0.5, TI kernel 3" in printed
+    protected = np.asarray(Image.open(tmp_path / "in_protected.png")).astype(int)
+    assert 0 < np.abs(protected - np.asarray(Image.open(source)).astype(int)).max() <= 3
+    with pytest.raises(UserError, match="--momentum work.* with the PGD methods"):
+        defend.main([*common, "--defend_method", "noise", "--momentum", "1", "--overwrite"])
+    with pytest.raises(SystemExit):
+        defend.main([*common, "--defend_method", "facelock", "--ti_kernel", "4"])

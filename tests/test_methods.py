@@ -252,3 +252,71 @@ def test_facelock_early_stopping_freezes_only_the_images_that_reached_the_target
     assert torch.equal(stopped[1], free[1]) and not torch.equal(stopped[0], free[0])
     _, all_calls = run(2.0)  # both below 2: the loop ends at the first FR iteration
     assert all_calls == list(range(8))
+
+
+LEVERS = {"momentum": {"momentum": 1.0}, "diversity": {"input_diversity": 0.7},
+          "translation": {"ti_kernel": 5}, "all": {"momentum": 1.0, "input_diversity": 0.5, "ti_kernel": 3}}
+
+
+@pytest.mark.parametrize("lever", LEVERS)
+def test_transfer_levers_keep_the_budget_reproduce_and_batch_like_singles(lever):
+    attack, x = build("facelock", **LEVERS[lever]), random_images(3)
+    for model in attack.modules():
+        model.double()
+    batch = attack(x, seeded(0, 1, 2))
+    assert (batch - x).abs().max() <= attack.eps + 1e-6 and batch.min() >= -1 and batch.max() <= 1
+    assert torch.equal(batch, attack(x, seeded(0, 1, 2)))
+    assert torch.equal(batch, torch.cat([attack(x[i:i + 1], seeded(i)) for i in range(3)]))
+    assert not torch.equal(batch, build("facelock")(x, seeded(0, 1, 2)))  # the lever changes the attack
+
+
+def test_levers_switched_off_are_plain_sign_pgd():
+    """The engine with every lever at zero gives exactly a hand-written sign-PGD loop."""
+    attack = build("encoder", momentum=0.0, input_diversity=0.0, ti_kernel=0, num_iters=5)
+    x = random_images(2)
+    expected = (x + uniform_noise(x, -attack.eps, attack.eps, seeded(3, 4))).clamp(x - attack.eps, x + attack.eps)
+    expected = expected.clamp(-1, 1)
+    for i in range(5):
+        y = expected.clone().requires_grad_(True)
+        grad, = torch.autograd.grad(attack.objective(y, attack.prepare(x), i).sum(), [y])
+        expected = torch.minimum(torch.maximum(expected + attack.step_size_at(i) * grad.sign(), x - attack.eps),
+                                 x + attack.eps).clamp(-1, 1)
+    with frozen(*attack.modules()):
+        assert torch.equal(attack.perturb(x, seeded(3, 4)), expected)
+
+
+def test_momentum_accumulates_l1_normalised_gradients():
+    attack, state = PGDAttack(momentum=0.5), {}
+    g1, g2 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    attack.direction(g1, state)
+    direction = attack.direction(g2, state)
+    mean_abs = lambda g: g.abs().flatten(1).mean(dim=1).view(-1, 1, 1, 1)  # noqa: E731
+    assert torch.allclose(state["momentum"], 0.5 * g1 / mean_abs(g1) + g2 / mean_abs(g2))
+    assert torch.equal(direction, state["momentum"].sign())
+
+
+def test_translation_invariance_smooths_with_a_normalised_gaussian():
+    from methods.base import gaussian_smooth
+
+    impulse = torch.zeros(1, 3, 15, 15)
+    impulse[0, :, 7, 7] = 1.0
+    smooth = gaussian_smooth(impulse, 7)
+    assert smooth.shape == impulse.shape and torch.allclose(smooth.sum(dim=(2, 3)), torch.ones(1, 3))
+    assert smooth[0, 0, 7, 7] == smooth.max() and smooth[0, 0, 7, 4] > 0 and smooth[0, 0, 7, 3] == 0
+    assert torch.allclose(smooth[0, 0], smooth[0, 0].T)
+    with pytest.raises(ValueError, match="odd"):
+        PGDAttack(ti_kernel=4)
+
+
+def test_input_diversity_shrinks_and_pads_per_image():
+    from methods.transforms import ResizePad
+
+    x = random_images(2, size=40)
+    assert torch.equal(ResizePad(probability=0.0)(x, seeded(0, 1)), x)
+    out = ResizePad(scale=(0.5, 0.5), probability=1.0)(x, seeded(0, 1))
+    assert out.shape == x.shape
+    assert (out == 0).flatten(1).float().mean(dim=1).min() >= 0.74  # a 20 x 20 image in a grey 40 x 40 canvas
+    assert torch.equal(out[1:], ResizePad(scale=(0.5, 0.5), probability=1.0)(x[1:], seeded(1)))
+    y = x.clone().requires_grad_(True)
+    ResizePad(scale=(0.8, 0.9))(y, seeded(2, 3)).sum().backward()
+    assert y.grad.abs().sum() > 0
