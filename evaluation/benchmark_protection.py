@@ -45,7 +45,6 @@ from methods.transforms import (
 )
 from utils import (
     ASSETS_ENV,
-    IMAGE_EXTENSIONS,
     PAPER_PROMPTS,
     UserError,
     atomic_write,
@@ -68,6 +67,7 @@ from .metrics.psnr import psnr
 from .metrics.ssim import ssim
 from .report import grid
 from .runner import nanmean
+from .walker import photos_under
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +97,6 @@ CLEANUPS: dict[str, Transform] = {
     "blur1+jpeg75": Compose(GaussianBlur(1.0), PillowJPEG(75)),
     "noise4+jitter+jpeg90": Compose(GaussianNoise(4.0), ColorJitter(1.1, 0.9, 1.1), PillowJPEG(90)),
 }
-
-
-def source_photos(folder: Path) -> list[Path]:
-    """Every image under `folder`, by path."""
-    if "faces-holdout" in folder.resolve().parts:
-        raise UserError(f"{folder} is the held-out set, reserved for acceptance evaluation; no benchmark reads it")
-    photos = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not photos:
-        raise UserError(f"no photos under {folder}")
-    return photos
 
 
 def face_crop(image: Image.Image, size: int, detector: FaceDetector) -> Image.Image:
@@ -171,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 1. the photos: a square around each face
     photos_dir = output / "photos"
     detector = FaceDetector()
-    for path in source_photos(faces):
+    for path in photos_under(faces):
         name = f"{path.parent.name}__{path.stem}" if path.parent != faces else path.stem
         target = photos_dir / f"{name}.png"
         if not target.exists():
