@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -28,15 +28,14 @@ from defend import (
     parse_args,
     protect_images,
 )
+from evaluation.batch import BatchRun
 from methods.faces import NoFaceError
 from utils import (
-    BatchRun,
     InputError,
     UserError,
     derive_seed,
     list_images,
     loaded_batches,
-    pick_device,
     run_script,
     same_file,
     save_png,
@@ -49,8 +48,9 @@ def output_folder(args: argparse.Namespace) -> Path:
     return Path(args.output_dir) / f"budget_{args.attack_budget}"
 
 
-def plan(sources: list[Path], folder: Path, overwrite: bool) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
-    """Pair each source with its output `<stem>.png`; returns the pending pairs and the files refused."""
+def plan(sources: list[Path], folder: Path, done: Callable[[Path], bool]
+         ) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
+    """Pair each source with its output `<stem>.png`; returns the pairs not `done` yet and the files refused."""
     pending, refused, claimed = [], {}, {}
     for source in sources:
         output = folder / f"{source.stem}.png"
@@ -58,7 +58,7 @@ def plan(sources: list[Path], folder: Path, overwrite: bool) -> tuple[list[tuple
             refused[str(source)] = f"same output name as {claimed[output.name].name}"
             continue
         claimed[output.name] = source
-        if not overwrite and output.exists():
+        if done(output):
             continue
         pending.append((source, output))
     return pending, refused
@@ -91,16 +91,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sources:
         raise UserError(f"no images in {image_dir}")
 
-    run = BatchRun(folder, vars(args), DEFINING, args.overwrite, cpu=args.device == "cpu")
-    device = pick_device(args.device) if args.device != "auto" else run.state.device
-    pending, refused = plan(sources, folder, args.overwrite)
+    run = BatchRun(folder, vars(args), DEFINING, args.overwrite, device=args.device)
+    device = run.device
+    # an output counts as finished once it is in the manifest: a file written just before a crash is redone
+    pending, refused = plan(sources, folder, lambda output: not args.overwrite and output.exists()
+                            and run.recorded(output.name))
     for source, reason in refused.items():
         run.fail(source, reason)
     finished = len(sources) - len(pending) - len(refused)
     mine = run.mine(pending)
     if run.is_main:
         print(f"{len(sources)} images in {image_dir}: {finished} already protected, {len(pending)} to do"
-              + (f" in {run.state.num_processes} processes" if run.state.num_processes > 1 else "")
+              + (f" in {run.num_processes} processes" if run.num_processes > 1 else "")
               + f"; output {folder}")
     attack = build_attack(args, device, progress=run.is_main) if mine else None
     if attack is not None and run.is_main:
@@ -148,6 +150,7 @@ def protect_batch(attack, batch: list[tuple[Path, Path, Image.Image]], args: arg
         for (source, output, _), (protected, stats) in zip(batch, results):
             save_png(protected, output)
             run.record(output.name, {"source": str(source), **stats})
+            run.save()
         return
 
 

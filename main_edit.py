@@ -20,13 +20,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edit import add_edit_arguments, edit_images, edit_seed, load_editor, parse_args
+from evaluation.batch import BatchRun
 from utils import (
-    BatchRun,
     InputError,
     UserError,
     list_images,
     loaded_batches,
-    pick_device,
     read_prompts,
     run_script,
     same_file,
@@ -70,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sources:
         raise UserError(f"no images in {src_dir}")
 
-    run = BatchRun(folder, vars(args), DEFINING, args.overwrite, cpu=args.device == "cpu")
+    run = BatchRun(folder, vars(args), DEFINING, args.overwrite, device=args.device)
     names: dict[str, Path] = {}
     for source in sources:
         if source.stem in names:
@@ -81,12 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.overwrite or not (folder / f"prompt{i}" / f"{source.stem}.png").exists()]
     total = len(indices) * len(names)
     if run.is_main:
-        processes = f" in {run.state.num_processes} processes" if run.state.num_processes > 1 else ""
+        processes = f" in {run.num_processes} processes" if run.num_processes > 1 else ""
         print(f"{len(names)} images x {len(indices)} prompts in {folder}: {total - len(work)} edits already done, "
               f"{len(work)} to do{processes}")
     mine = run.mine(work)
-    device = pick_device(args.device) if args.device != "auto" else run.state.device
-    pipe = load_editor(args, device, progress=False) if mine else None
+    pipe = load_editor(args, run.device, progress=False) if mine else None
 
     bar = tqdm(total=len(mine), desc="edits", unit="edit", disable=not run.is_main)
     bad: set[Path] = set()

@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 import warnings
-from importlib import metadata
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -45,8 +44,6 @@ EDITOR_IDS = {"instruct-pix2pix": "timbrooks/instruct-pix2pix",
 EDITOR_ID_HELP = (f"Hugging Face id or folder of the editor (default: {EDITOR_IDS['instruct-pix2pix']}, or "
                   f"{EDITOR_IDS['stable-diffusion']} for stable-diffusion)")
 SFACE_URL = "https://github.com/opencv/opencv_zoo/raw/main/models/face_recognition_sface/face_recognition_sface_2021dec.onnx"
-VERSIONED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "facenet-pytorch", "lpips", "onnx2torch",
-                      "accelerate", "numpy", "pillow", "scikit-image")
 
 
 #: The 25 editing instructions of the FaceLock paper's code, verbatim (typos included: they drive the metrics).
@@ -278,91 +275,6 @@ def png_output(source: Path, output_path: str | None, default_name: str, why: st
     if same_file(source, output):
         raise UserError(f"{output} is the input; choose another --output_path")
     return output
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0]}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-class BatchRun:
-    """The bookkeeping of a batch job, which `accelerate launch` or `torchrun` may split between processes.
-
-    Each process records its outputs and failures in its own manifest part as it goes, so an interrupted run
-    keeps what it did; the main process merges the parts into `manifest.json` at the end. A folder holding results
-    made with different `defining` parameters is refused, unless `overwrite`.
-    """
-
-    def __init__(self, folder: Path, parameters: dict, defining: Sequence[str], overwrite: bool, cpu: bool) -> None:
-        from accelerate import PartialState
-
-        self.state = PartialState(cpu=cpu)  # with cpu=True, CPU processes (e.g. under torchrun) talk over gloo
-        self.folder = folder
-        earlier = self._read()
-        # a parameter missing from an earlier manifest was added later, with a default that keeps the old behaviour
-        changed = [k for k in defining
-                   if earlier.get("parameters") and earlier["parameters"].get(k, parameters[k]) != parameters[k]]
-        if changed and not overwrite:
-            before = ", ".join(f"--{k} {earlier['parameters'].get(k)}" for k in changed)
-            raise UserError(f"{folder} holds results made with {before}; use another output folder or --overwrite")
-        self.manifest = {"parameters": parameters, "versions": package_versions(),
-                         "outputs": {} if overwrite else earlier.get("outputs", {}), "failed": {}}
-        multi = self.state.num_processes > 1
-        self.part = folder / (f"manifest.part{self.state.process_index}.json" if multi else "manifest.json")
-
-    @property
-    def is_main(self) -> bool:
-        return self.state.is_main_process
-
-    def mine(self, work: list) -> list:
-        """This process's share of `work`."""
-        return work[self.state.process_index::self.state.num_processes]
-
-    def record(self, key: str, entry: dict) -> None:
-        self.manifest["outputs"][key] = entry
-
-    def fail(self, key: str, reason: str) -> None:
-        self.manifest["failed"][key] = reason
-
-    def save(self) -> None:
-        write_json(self.manifest, self.part)
-
-    def finish(self) -> dict | None:
-        """Wait for every process; on the main process merge the parts and return the whole manifest."""
-        self.save()
-        self.state.wait_for_everyone()
-        if not self.is_main:
-            return None
-        for part in sorted(self.folder.glob("manifest.part*.json")):
-            other = json.loads(part.read_text())
-            self.manifest["outputs"].update(other["outputs"])
-            self.manifest["failed"].update(other["failed"])
-        write_json(self.manifest, self.folder / "manifest.json")
-        for part in self.folder.glob("manifest.part*.json"):
-            part.unlink()
-        return self.manifest
-
-    def report(self, counts: str, folder: Path) -> int:
-        """Print the run's counts and every failure; the exit status is 1 if anything failed."""
-        failed = self.manifest["failed"]
-        print(f"{counts}, failed {len(failed)}; outputs and manifest.json in {folder}")
-        for key, reason in sorted(failed.items()):
-            print(f"  failed: {key}: {reason}")
-        return 1 if failed else 0
-
-    def _read(self) -> dict:
-        merged: dict = {}
-        for path in [self.folder / "manifest.json", *sorted(self.folder.glob("manifest.part*.json"))]:
-            if path.is_file():
-                data = json.loads(path.read_text())
-                merged.setdefault("parameters", data.get("parameters"))
-                merged.setdefault("outputs", {}).update(data.get("outputs", {}))
-        return merged
 
 
 # --------------------------------------------------------------------------------------- seeds, devices
