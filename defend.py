@@ -102,8 +102,9 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--vae", help="attack this autoencoder instead of the editor's (hub id or local folder, "
                                       "e.g. madebyollin/taesd)")
     models.add_argument("--fr_model", help="face recognition for facelock: facenet, sface, mobilefacenet, mobileface, "
-                                           "adaface or a path to an .onnx face model; a comma-separated list attacks "
-                                           "them together (e.g. sface,mobileface)")
+                                           "adaface (runs Python code from its hub repository, at a pinned revision) "
+                                           "or a path to an .onnx face model; a comma-separated list attacks them "
+                                           "together (e.g. sface,mobileface)")
     models.add_argument("--fr_combine", choices=["mean", "max"],
                         help="with several --fr_model: attack their mean similarity, or per image the highest "
                              "(the hardest model)")

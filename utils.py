@@ -43,7 +43,6 @@ EDITOR_IDS = {"instruct-pix2pix": "timbrooks/instruct-pix2pix",
               "stable-diffusion": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 EDITOR_ID_HELP = (f"Hugging Face id or folder of the editor (default: {EDITOR_IDS['instruct-pix2pix']}, or "
                   f"{EDITOR_IDS['stable-diffusion']} for stable-diffusion)")
-SFACE_URL = "https://github.com/opencv/opencv_zoo/raw/main/models/face_recognition_sface/face_recognition_sface_2021dec.onnx"
 
 
 #: The 25 editing instructions of the FaceLock paper's code, verbatim (typos included: they drive the metrics).
@@ -326,20 +325,28 @@ def _offline_hint(name: str) -> str:
 def load_pretrained(load: Callable[..., Any], name: str, what: str, marker: str = "config.json",
                     subfolder: str | None = None, **kwargs: Any) -> Any:
     """`load(source, ...)` for a diffusers/transformers `from_pretrained`, where `name` is a local folder, a model
-    with a FACELOCK_ASSETS copy, or a hub id (the hub cache is tried before the network). Raises
+    with a FACELOCK_ASSETS copy, or a hub id (the hub cache is tried before the network), loaded at its pinned
+    revision (`methods.downloads.HUB_REVISIONS`) or at the one named as `org/name@revision`. Raises
     `ModelUnavailable` naming `what` and how to get it offline."""
+    from methods.downloads import split_revision
+
     source = local_copy(name) or name
     if Path(source).is_dir():
         location = Path(source) / (subfolder or "")
         if not (location / marker).is_file():
             raise ModelUnavailable(f"{location} has no {marker}; it is not a folder holding {what}")
         return load(str(location), **kwargs)
+    repo, revision = split_revision(str(source))
+    if revision:
+        kwargs["revision"] = revision
+    else:
+        logger.warning("%s is not pinned to a revision: loading the current one (pin it as %s@<commit>)", repo, repo)
     reason = ""
     if subfolder:
         kwargs["subfolder"] = subfolder
     for local_only in (True, False):
         try:
-            return load(str(source), local_files_only=local_only, **kwargs)
+            return load(repo, local_files_only=local_only, **kwargs)
         except (OSError, ValueError) as error:
             reason = str(error).splitlines()[0]
     raise ModelUnavailable(f"cannot load {what} ({reason}); {_offline_hint(name)}")
@@ -396,17 +403,18 @@ def _load_face_embedder(spec: str) -> torch.nn.Module:
 
 
 def _download_onnx_face(name: str) -> Path:
-    """SFace from the OpenCV model zoo, cached under torch's hub folder with its `model.json`."""
+    """SFace from the OpenCV model zoo at a pinned commit, checked against its SHA-256 and cached under torch's hub
+    folder with its `model.json`."""
+    from methods.downloads import SFACE, fetch
+
     if name != "sface":
         raise FileNotFoundError(f"{name} has no public download; set {ASSETS_ENV} to a folder holding "
                                 f"{LOCAL_COPIES[name]} or pass the .onnx path to --fr_model")
     folder = Path(torch.hub.get_dir()) / "facelock" / name
-    path = folder / "model.onnx"
-    if not path.is_file():
-        logger.info("downloading %s to %s", SFACE_URL, path)
-        atomic_write(path, lambda tmp: torch.hub.download_url_to_file(SFACE_URL, str(tmp), progress=True))
+    path = fetch(SFACE, folder / "model.onnx")
+    if not (folder / "model.json").is_file():
         write_json({"name": "sface", "input_size": [112, 112], "input_range": [0, 255], "channel_order": "RGB",
-                    "alignment": "arcface", "source": SFACE_URL}, folder / "model.json")
+                    "alignment": "arcface", "source": SFACE.url, "sha256": SFACE.sha256}, folder / "model.json")
     return path
 
 

@@ -236,7 +236,8 @@ def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentPars
         parser.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="CLIP hub id or folder")
     if "fr" in keys:
         parser.add_argument("--fr_model", default="facenet",
-                            help="face model judging identity: facenet, sface, mobilefacenet, adaface or an .onnx path")
+                            help="face model judging identity: facenet, sface, mobilefacenet, mobileface, adaface (runs "
+                                 "code from its hub repository) or an .onnx path")
         parser.add_argument("--fr_landmarks", default="detect", choices=["detect", "source"],
                             help="find the face in each edit again (default) or crop where the source's face was")
     return parser

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
-
-#: torchvision's VGG16 checkpoint, which `lpips.LPIPS(net="vgg")` needs beside the lpips package's own weights.
-VGG16_FILE = "vgg16-397923af.pth"
-VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 
 
 class LPIPSDistance(nn.Module):
@@ -36,17 +34,20 @@ class LPIPSDistance(nn.Module):
 
 
 def load_lpips_vgg() -> LPIPSDistance:
-    """`lpips.LPIPS(net="vgg")`, as in the paper. The VGG16 backbone comes from torchvision's download cache; where
-    it cannot be had, this raises `FileNotFoundError` naming the file and folder instead of falling back to a
-    randomly initialised backbone."""
+    """`lpips.LPIPS(net="vgg")`, as in the paper. The VGG16 backbone is fetched into torchvision's download cache and
+    checked against its SHA-256; where it cannot be had, this raises `FileNotFoundError` naming the file and folder
+    instead of falling back to a randomly initialised backbone."""
     import lpips
 
-    checkpoint = torch.hub.get_dir() + "/checkpoints/" + VGG16_FILE
+    from .downloads import VGG16, fetch
+
+    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / VGG16.filename
     try:
+        fetch(VGG16, checkpoint)
         model = lpips.LPIPS(net="vgg", verbose=False)
-    except OSError as error:  # urllib's URLError is an OSError
+    except OSError as error:  # urllib's URLError and a checksum mismatch are OSErrors
         raise FileNotFoundError(
-            f"LPIPS-VGG needs torchvision's VGG16 weights {VGG16_FILE} and could not download them ({error}); "
-            f"put {VGG16_URL} at {checkpoint} (the folder follows TORCH_HOME), or pass --lpips none"
+            f"LPIPS-VGG needs torchvision's VGG16 weights {VGG16.filename} and could not download them ({error}); "
+            f"put {VGG16.url} at {checkpoint} (the folder follows TORCH_HOME), or pass --lpips none"
         ) from None
     return LPIPSDistance(model.eval())

@@ -150,7 +150,7 @@ def test_lpips_without_vgg_weights_names_the_file_and_offers_none(tmp_path, tiny
     def offline(*args, **kwargs):
         raise URLError("network unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr("methods.downloads._download", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     source = write_photo(tmp_path / "in.png")
     face = export_tiny_onnx_face_model(tmp_path / "face")
