@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 import methods
-from evaluation.metrics.psnr import psnr
-from methods.faces import NoFaceError
+from methods.faces import FaceDetector, NoFaceError
+from methods.placement import Placement, face_region, paste, place, work_image
 from methods.transforms import EOT_TRANSFORMS, eot_transform
 from utils import (
     EDITOR_ID_HELP,
@@ -28,17 +28,13 @@ from utils import (
     UserError,
     cpu_generator,
     derive_seed,
-    linf_255,
     load_autoencoder,
     load_face_identity,
     load_image,
     load_perceptual,
     pick_device,
     pick_dtype,
-    pil_to_tensor,
     png_output,
-    protect_tensor,
-    quantize_within,
     run_script,
     save_png,
 )
@@ -52,7 +48,7 @@ DEFAULTS = dict(
     fr_model="facenet", fr_combine="mean", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
     eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0,
     device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
-    max_size=1024, overwrite=False,
+    max_size=1024, region="full", bucket=8, overwrite=False,
 )
 #: Named groups of defaults; flags given explicitly still win.
 PRESETS = {
@@ -127,6 +123,12 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the models (opt-in: compiling takes minutes; measure before relying on it)")
     models.add_argument("--max_size", type=int,
                         help="attack larger photos at this long side and resize the perturbation back (0: never)")
+    models.add_argument("--region", choices=["full", "face"],
+                        help="attack the whole photo, or only a square around its face(s) with a margin (faster; the "
+                             "rest of the photo is left untouched)")
+    models.add_argument("--bucket", type=int,
+                        help="pad each photo's work image to a multiple of this many pixels (a multiple of 8); "
+                             "photos of one bucket are batched together, with the same result as alone")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs")
 
 
@@ -147,6 +149,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
         parser.error(f"--attack_budget must be in (0, {MAX_BUDGET}] ([-1, 1] units), got {args.attack_budget}")
     if args.step_size <= 0 or args.num_iters < 1 or args.max_size < 0 or args.eot_samples < 1:
         parser.error("--step_size must be > 0, --num_iters and --eot_samples >= 1 and --max_size >= 0")
+    if args.bucket < 8 or args.bucket % 8:
+        parser.error(f"--bucket must be a multiple of 8, got {args.bucket}")
     if args.momentum < 0 or not 0 <= args.input_diversity <= 1 or (args.ti_kernel and args.ti_kernel % 2 == 0) \
             or args.ti_kernel < 0:
         parser.error("--momentum must be >= 0, --input_diversity in [0, 1] and --ti_kernel 0 or odd")
@@ -231,25 +235,38 @@ def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
     return ", ".join(parts)
 
 
+def placements(images: Sequence[Image.Image], args: argparse.Namespace, attack: methods.Attack) -> list[Placement]:
+    """Where each image is attacked (`--region`), at what size (`--max_size`) and padding (`--bucket`). A face region
+    is found with the attack's own detector where it has one; an image without a face is attacked whole (FaceLock
+    then refuses it unless --allow_no_face)."""
+    detector = None
+    if args.region == "face":
+        face = getattr(attack, "face", None)
+        detector = face.detector if face is not None else FaceDetector(keep=args.faces)
+    result = []
+    for image in images:
+        box = face_region(image, detector) if detector is not None else None
+        result.append(place(image.size, box, args.max_size, args.bucket))
+    return result
+
+
 def protect_images(attack: methods.Attack, images: Sequence[Image.Image], seeds: Sequence[int],
-                   device: torch.device, max_size: int) -> list[tuple[np.ndarray, dict]]:
-    """Protect same-size images in one batch; each image's random start comes from its own seed. Returns the
-    8-bit protected images and their statistics (L-infinity in 1/255, PSNR in dB, seconds)."""
+                   device: torch.device, where: Sequence[Placement]) -> list[tuple[np.ndarray, dict]]:
+    """Protect images whose placements share one padded size, in one batch; each image's random start comes from
+    its own seed. Returns the 8-bit protected images and their statistics (L-infinity in 1/255, PSNR in dB,
+    seconds)."""
     start = time.perf_counter()
-    x = torch.cat([pil_to_tensor(image) for image in images]).to(device)
-    protected = protect_tensor(attack, x, [cpu_generator(s) for s in seeds], max_size=max_size)
-    seconds = (time.perf_counter() - start) / len(images)
+    x = torch.cat([work_image(image, placement) for image, placement in zip(images, where)]).to(device)
+    delta = attack(x, [cpu_generator(s) for s in seeds]) - x
     results = []
-    for image, adv, seed in zip(images, protected, seeds):
-        clean = np.asarray(image)
-        out = quantize_within(adv, clean, attack.eps)
-        distance = linf_255(out, clean)
-        if distance > attack.eps * 127.5:
-            raise AssertionError(f"budget broken after rounding: {distance}/255 > {attack.eps * 127.5:.2f}/255")
-        quality = psnr(pil_to_tensor(Image.fromarray(out)), pil_to_tensor(image)).item()
-        results.append((out, {"seed": seed, "linf_255": distance, "psnr": round(quality, 3),
-                              "seconds": round(seconds, 3)}))
-    return results
+    for image, placement, change, seed in zip(images, where, delta, seeds):
+        out, stats = paste(image, placement, change, attack.eps)
+        if stats["linf_255"] > attack.eps * 127.5:
+            raise AssertionError(f"budget broken after rounding: {stats['linf_255']}/255 > {attack.eps * 127.5:.2f}/255")
+        results.append((out, {"seed": seed, "linf_255": stats["linf_255"], "psnr": round(stats["psnr"], 3),
+                              "region": list(placement.box)}))
+    seconds = (time.perf_counter() - start) / len(images)
+    return [(out, {**stats, "seconds": round(seconds, 3)}) for out, stats in results]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"protecting {source} ({image.width}x{image.height}) with {describe_attack(args, attack)} on {device}")
     seed = derive_seed(args.seed, source.stem)
     try:
-        (protected, stats), = protect_images(attack, [image], [seed], device, args.max_size)
+        (protected, stats), = protect_images(attack, [image], [seed], device, placements([image], args, attack))
     except NoFaceError:
         raise UserError(f"{source}: no face found ({NO_FACE_HINT})") from None
     save_png(protected, output)

@@ -26,10 +26,12 @@ from defend import (
     create_argparser,
     describe_attack,
     parse_args,
+    placements,
     protect_images,
 )
-from evaluation.batch import BatchRun
+from evaluation.batch import BackgroundWriter, BatchRun
 from methods.faces import NoFaceError
+from methods.placement import Placement
 from utils import (
     InputError,
     UserError,
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Parameters that decide the result; a folder made with other values is refused.
 DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters", "targeted", "c", "lr", "seed",
             "target_model", "model_id", "vae", "fr_model", "fr_combine", "faces", "allow_no_face", "lpips", "target_fr",
-            "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "max_size")
+            "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "max_size", "region", "bucket")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,10 +116,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.fail(str(item[0]), str(error))
         bar.update(1)
 
-    for batch in loaded_batches(mine, lambda item: item[0], args.batch_size, fail):
-        protect_batch(attack, [(source, output, image) for (source, output), image in batch], args, device, run)
-        run.save()
-        bar.update(len(batch))
+    pools: dict[tuple[int, int], list] = {}  # images waiting for a batch, by padded work size
+    with BackgroundWriter() as writer:
+        def protect(pool: list) -> None:
+            protect_batch(attack, pool, args, device, run, writer)
+            writer.collect()
+            run.save()
+            bar.update(len(pool))
+
+        for batch in loaded_batches(mine, lambda item: item[0], args.batch_size, fail):
+            images = [image for _, image in batch]
+            for ((source, output), image), placement in zip(batch, placements(images, args, attack)):
+                pool = pools.setdefault(placement.padded, [])
+                pool.append((source, output, image, placement))
+                if len(pool) == args.batch_size:
+                    protect(pools.pop(placement.padded))
+        for pool in pools.values():
+            protect(pool)
     bar.close()
 
     manifest = run.finish()
@@ -130,27 +145,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run.report(f"protected {protected}, already done {finished}", folder)
 
 
-def protect_batch(attack, batch: list[tuple[Path, Path, Image.Image]], args: argparse.Namespace, device,
-                  run: BatchRun) -> None:
-    """Protect one batch and record each image's result or failure. An image without a face is set aside and the
-    rest of the batch protected without it; any other failure of the batch is recorded for each of its images."""
+def protect_batch(attack, batch: list[tuple[Path, Path, Image.Image, Placement]], args: argparse.Namespace, device,
+                  run: BatchRun, writer: BackgroundWriter) -> None:
+    """Protect one batch and hand each result to the writer, which records it once written; record each failure.
+    An image without a face is set aside and the rest of the batch protected without it; any other failure of the
+    batch is recorded for each of its images."""
     while batch:
-        seeds = [derive_seed(args.seed, source.stem) for source, _, _ in batch]
+        seeds = [derive_seed(args.seed, source.stem) for source, _, _, _ in batch]
         try:
-            results = protect_images(attack, [image for _, _, image in batch], seeds, device, args.max_size)
+            results = protect_images(attack, [image for _, _, image, _ in batch], seeds, device,
+                                     [placement for _, _, _, placement in batch])
         except NoFaceError as error:
             for i in sorted(error.missing, reverse=True):
                 run.fail(str(batch.pop(i)[0]), f"no face found ({NO_FACE_HINT})")
             continue
         except RuntimeError as error:  # e.g. out of memory on a large photo
-            logger.exception("protecting %s failed", ", ".join(str(s) for s, _, _ in batch))
-            for source, _, _ in batch:
+            logger.exception("protecting %s failed", ", ".join(str(s) for s, _, _, _ in batch))
+            for source, _, _, _ in batch:
                 run.fail(str(source), f"{type(error).__name__}: {str(error).splitlines()[0]}")
             return
-        for (source, output, _), (protected, stats) in zip(batch, results):
-            save_png(protected, output)
-            run.record(output.name, {"source": str(source), **stats})
-            run.save()
+        for (source, output, _, _), (protected, stats) in zip(batch, results):
+            writer.submit(lambda protected=protected, output=output: save_png(protected, output),
+                          lambda output=output, entry={"source": str(source), **stats}: run.record(output.name, entry))
         return
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -180,3 +180,46 @@ class BatchRun:
             if path.is_file() and path.stat().st_mtime < before:
                 logger.info("removing %s, left by an interrupted run", path)
                 path.unlink(missing_ok=True)
+
+
+class BackgroundWriter:
+    """Writes outputs on a background thread while the next batch is computed. Each write has a `done` callback
+    (recording the output in the manifest), which runs on the calling thread, in order, once the file is in place;
+    at most `pending` writes wait at a time, so memory stays bounded."""
+
+    def __init__(self, pending: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pending = pending
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self._queue: list = []
+
+    def submit(self, write: Callable[[], None], done: Callable[[], None]) -> None:
+        while len(self._queue) >= self.pending:
+            self._finish_oldest()
+        self._queue.append((self._executor.submit(write), done))
+
+    def collect(self) -> None:
+        """Run the callbacks of the writes that have finished (and raise the error of a write that failed)."""
+        while self._queue and self._queue[0][0].done():
+            self._finish_oldest()
+
+    def close(self) -> None:
+        """Wait for every write and run its callback."""
+        while self._queue:
+            self._finish_oldest()
+        self._executor.shutdown()
+
+    def _finish_oldest(self) -> None:
+        future, done = self._queue.pop(0)
+        future.result()
+        done()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # let the writes in flight land, without recording them (a rerun redoes them)
+            self._executor.shutdown(wait=True)

@@ -89,3 +89,53 @@ def test_two_cpu_processes_on_a_machine_with_one_gpu_finish_together(tmp_path, t
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((tmp_path / "out" / "budget_0.03" / "manifest.json").read_text())
     assert set(manifest["outputs"]) == {"p0.png", "p1.png", "p2.png"}
+
+
+def kill_when(command: list[str], ready, timeout: float = 240) -> None:
+    """Start `command`, SIGKILL it as soon as `ready()` holds (or when it ends by itself)."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_main_defend_killed_mid_batch_finishes_on_rerun_with_every_output_valid(tmp_path, tiny_vae_dir):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for k in range(5):
+        write_photo(photos / f"p{k}.png", size=(96, 96), seed=k)
+    command = [sys.executable, str(ROOT / "main_defend.py"), "--image_dir", str(photos), "--output_dir", str(out),
+               "--defend_method", "encoder", "--vae", str(tiny_vae_dir), "--num_iters", "30", "--device", "cpu"]
+    folder = out / "budget_0.03"
+    for wanted in (1, 3):  # killed twice, after the first and the third photo, at no chosen point of the work
+        kill_when(command, lambda: len(list(folder.glob("p*.png"))) >= wanted)
+    assert 0 < len(list(folder.glob("p*.png"))) < 5
+    assert subprocess.run(command, capture_output=True, cwd=ROOT, timeout=300).returncode == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"] + [f"p{k}.png" for k in range(5)]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(manifest["outputs"]) == [f"p{k}.png" for k in range(5)] and not manifest["failed"]
+    for k in range(5):
+        protected = np.asarray(Image.open(folder / f"p{k}.png")).astype(int)  # decodes: not half-written
+        clean = np.asarray(load_image(photos / f"p{k}.png")).astype(int)
+        assert protected.shape == clean.shape and 0 < np.abs(protected - clean).max() <= 3
+
+
+def test_main_edit_killed_mid_batch_finishes_on_rerun_with_every_edit_valid(tmp_path, tiny_pix2pix_dir):
+    sources, edits = tmp_path / "src", tmp_path / "edits"
+    sources.mkdir()
+    for k in range(3):
+        write_photo(sources / f"p{k}.png", size=(64, 64), seed=k)
+    command = [sys.executable, str(ROOT / "main_edit.py"), "--src_dir", str(sources), "--edit_dir", str(edits),
+               "--model_id", str(tiny_pix2pix_dir), "--seed", "0", "--prompt_indices", "0,1",
+               "--num_inference_steps", "20", "--device", "cpu"]
+    folder = edits / "seed0"
+    kill_when(command, lambda: len(list(folder.rglob("p*.png"))) >= 2)
+    assert 0 < len(list(folder.rglob("p*.png"))) < 6
+    assert subprocess.run(command, capture_output=True, cwd=ROOT, timeout=300).returncode == 0
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert written == ["manifest.json"] + [f"prompt{i}/p{k}.png" for i in (0, 1) for k in range(3)]
+    for path in folder.rglob("p*.png"):
+        assert Image.open(path).convert("RGB").size == (64, 64)
