@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import methods
-from conftest import AUTOENCODERS, ROOT, random_images, write_photo
+from conftest import ROOT, write_photo
 from utils import (
     InputError,
     derive_seed,
