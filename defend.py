@@ -46,7 +46,7 @@ DEFAULTS = dict(
     target_model="instruct-pix2pix", model_id=None, vae=None,
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
     fr_model="facenet", fr_combine="mean", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
-    eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0,
+    eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0, schedule="linear",
     device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
     max_size=1024, region="full", bucket=8, overwrite=False,
 )
@@ -72,7 +72,9 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--preset", choices=list(PRESETS), default="official", help=PRESET_HELP)
     method.add_argument("--attack_budget", type=float,
                         help="L-infinity budget in [-1, 1] pixel units (0.03 is about 3.8/255)")
-    method.add_argument("--step_size", type=float, help="PGD step size, decaying linearly to 1/100 of it")
+    method.add_argument("--step_size", type=float, help="PGD step size, decaying to 1/100 of it (see --schedule)")
+    method.add_argument("--schedule", choices=["linear", "cosine", "constant"],
+                        help="PGD methods: how the step decays over the iterations (linear: the official code's)")
     method.add_argument("--num_iters", type=int, help="attack iterations")
     method.add_argument("--targeted", dest="targeted", action="store_const", const=True,
                         help="targeted attack (encoder: toward the zero latent; the encoder's default)")
@@ -197,6 +199,7 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
         allow_no_face=args.allow_no_face, target_fr=args.target_fr, progress=progress,
         eot=eot_transform(args.eot.split(",")) if args.eot else None, eot_samples=args.eot_samples,
         momentum=args.momentum, input_diversity=args.input_diversity, ti_kernel=args.ti_kernel,
+        schedule=args.schedule,
     )
 
 

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: Parameters that decide the result; a folder made with other values is refused.
 DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters", "targeted", "c", "lr", "seed",
             "target_model", "model_id", "vae", "fr_model", "fr_combine", "faces", "allow_no_face", "lpips", "target_fr",
-            "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "max_size", "region", "bucket")
+            "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "schedule", "max_size", "region",
+            "bucket")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,33 @@ def test_reference_loop_recomputes_the_clean_references_at_every_iteration():
                                              torch.Generator().manual_seed(0), on_iteration=seen.append)
     assert seen == [0, 1, 2, 3] and (out - x).abs().max() <= 0.03 + 1e-6 and not out.requires_grad
     assert references == [face, perceptual] * 4  # as the official loop: every term, every iteration
+
+
+def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, capsys):
+    from evaluation import benchmark_transfer
+
+    faces = tmp_path / "faces"
+    for person, files in (("obama", ("obama.jpg", "obama2.jpg")), ("biden", ("biden2.jpg",))):
+        (faces / person).mkdir(parents=True)
+        for name in files:  # smaller copies: detection on full-size photos is what takes time here
+            image = load_image(assets / "faces" / person / name)
+            image.thumbnail((400, 400))
+            image.save(faces / person / f"{Path(name).stem}.png")
+    out = tmp_path / "out"
+    argv = ["--faces", str(faces), "--output", str(out), "--models", "sface,mobilefacenet", "--held_out", "sface",
+            "--configs", "mi", "--kinds", "crops", "--num_iters", "2", "--device", "cpu",
+            "--vae", str(assets / "models" / "taesd")]
+    assert benchmark_transfer.main(argv) == 0
+    with (out / "transfer.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * 3  # (unprotected + the config) x photos x cleanups
+    assert {(r["held_out"], r["config"]) for r in rows} == {("sface", "none"), ("sface", "mi")}
+    unprotected = [r for r in rows if r["config"] == "none" and r["cleanup"] == "none"]
+    assert all(float(r["fr_held_out"]) > 0.5 and r["protected"] == "False" for r in unprotected)
+    manifest = (out / "protected" / "crops" / "sface" / "mi" / "budget_0.03" / "manifest.json").read_text()
+    assert '"fr_model": "mobilefacenet"' in manifest and '"momentum": 1.0' in manifest
+    assert "| sface | mi |" in (out / "transfer.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
+    assert benchmark_transfer.main(argv) == 0  # resumes: nothing protected again
+    assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
+    capsys.readouterr()
