@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,11 +30,10 @@ from defend import (
     placements,
     protect_images,
 )
-from evaluation.batch import BackgroundWriter, BatchRun
+from evaluation.batch import BackgroundWriter, BatchRun, prefetched
 from methods.faces import NoFaceError
 from methods.placement import Placement
 from utils import (
-    InputError,
     UserError,
     derive_seed,
     list_images,
@@ -112,28 +112,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{describe_attack(args, attack)} on {device}")
 
     bar = tqdm(total=len(mine), desc="images", unit="img", disable=not run.is_main)
+    unreadable: queue.SimpleQueue = queue.SimpleQueue()  # filled by the loading thread, recorded here
 
-    def fail(item: tuple[Path, Path], error: InputError) -> None:
-        run.fail(str(item[0]), str(error))
-        bar.update(1)
+    def record_unreadable() -> None:
+        while not unreadable.empty():
+            (source, _), error = unreadable.get()
+            run.fail(str(source), str(error))
+            bar.update(1)
+
+    def loaded():
+        """Batches of (source, output, image, placement), loaded and placed on a background thread."""
+        for batch in loaded_batches(mine, lambda item: item[0], args.batch_size,
+                                    lambda item, error: unreadable.put((item, error))):
+            where = placements([image for _, image in batch], args, attack)
+            yield [(source, output, image, placement) for ((source, output), image), placement in zip(batch, where)]
 
     pools: dict[tuple[int, int], list] = {}  # images waiting for a batch, by padded work size
     with BackgroundWriter() as writer:
         def protect(pool: list) -> None:
             protect_batch(attack, pool, args, device, run, writer)
             writer.collect()
+            record_unreadable()
             run.save()
             bar.update(len(pool))
 
-        for batch in loaded_batches(mine, lambda item: item[0], args.batch_size, fail):
-            images = [image for _, image in batch]
-            for ((source, output), image), placement in zip(batch, placements(images, args, attack)):
-                pool = pools.setdefault(placement.padded, [])
-                pool.append((source, output, image, placement))
+        for batch in prefetched(loaded()):
+            record_unreadable()
+            for entry in batch:
+                pool = pools.setdefault(entry[3].padded, [])
+                pool.append(entry)
                 if len(pool) == args.batch_size:
-                    protect(pools.pop(placement.padded))
+                    protect(pools.pop(entry[3].padded))
         for pool in pools.values():
             protect(pool)
+    record_unreadable()
     bar.close()
 
     manifest = run.finish()

@@ -18,7 +18,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -223,3 +223,42 @@ class BackgroundWriter:
             self.close()
         else:  # let the writes in flight land, without recording them (a rerun redoes them)
             self._executor.shutdown(wait=True)
+
+
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """The items of `items`, produced on a background thread up to `depth` ahead of the consumer (so loading and
+    face detection of the next batch overlap the attack on the current one). An exception is raised to the
+    consumer where it happened."""
+    import queue
+    import threading
+
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((done, None))
+        except BaseException as error:  # handed to the consumer
+            buffer.put((done, error))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()

@@ -138,3 +138,31 @@ def test_main_edit_killed_mid_batch_finishes_on_rerun_with_every_edit_valid(tmp_
     assert written == ["manifest.json"] + [f"prompt{i}/p{k}.png" for i in (0, 1) for k in range(3)]
     for path in folder.rglob("p*.png"):
         assert Image.open(path).convert("RGB").size == (64, 64)
+
+
+def test_prefetching_keeps_order_and_hands_errors_over():
+    from evaluation.batch import prefetched
+
+    assert list(prefetched(iter(range(7)), depth=2)) == list(range(7))
+
+    def failing():
+        yield 1
+        raise ValueError("unreadable")
+
+    seen = []
+    with pytest.raises(ValueError, match="unreadable"):
+        for item in prefetched(failing()):
+            seen.append(item)
+    assert seen == [1]
+    produced = []
+
+    def endless():
+        for k in range(1000):
+            produced.append(k)
+            yield k
+
+    for item in prefetched(endless(), depth=1):
+        if item == 2:
+            break
+    time.sleep(0.3)
+    assert len(produced) < 10  # the producer stops when the consumer does
