@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -47,7 +48,8 @@ DEFAULTS = dict(
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
     fr_model="facenet", fr_combine="mean", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
     eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0, schedule="linear",
-    device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
+    device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False,
+    cudnn_benchmark=False, deterministic=False, seed=0,
     max_size=1024, region="full", bucket=8, overwrite=False,
 )
 #: Named groups of defaults; flags given explicitly still win.
@@ -123,6 +125,11 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the autoencoder tile by tile, so large photos fit a small GPU")
     models.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the models (opt-in: compiling takes minutes; measure before relying on it)")
+    models.add_argument("--cudnn_benchmark", action="store_true", default=None,
+                        help="CUDA: let cuDNN pick the fastest convolution per image size (pays off over a folder "
+                             "whose photos share size buckets)")
+    models.add_argument("--deterministic", action="store_true", default=None,
+                        help="CUDA: deterministic kernels only, so a rerun gives the same bits (slower)")
     models.add_argument("--max_size", type=int,
                         help="attack larger photos at this long side and resize the perturbation back (0: never)")
     models.add_argument("--region", choices=["full", "face"],
@@ -165,6 +172,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 def budget_in_255(budget: float) -> str:
     return f"{budget} ({budget * 127.5:.1f}/255)"
+
+
+def configure_backends(args: argparse.Namespace) -> None:
+    """torch's global switches for --cudnn_benchmark and --deterministic."""
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark) and not args.deterministic
 
 
 def build_attack(args: argparse.Namespace, device: torch.device, progress: bool = True) -> methods.Attack:
@@ -293,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     device = pick_device(args.device)
+    configure_backends(args)
     attack = build_attack(args, device)
     print(f"protecting {source} ({image.width}x{image.height}) with {describe_attack(args, attack)} on {device}")
     seed = derive_seed(args.seed, source.stem)

@@ -24,6 +24,7 @@ from defend import (
     add_protection_arguments,
     budget_in_255,
     build_attack,
+    configure_backends,
     create_argparser,
     describe_attack,
     parse_args,
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(sources)} images in {image_dir}: {finished} already protected, {len(pending)} to do"
               + (f" in {run.num_processes} processes" if run.num_processes > 1 else "")
               + f"; output {folder}")
+    configure_backends(args)
     attack = build_attack(args, device, progress=run.is_main) if mine else None
     if attack is not None and run.is_main:
         print(f"{describe_attack(args, attack)} on {device}")

@@ -105,6 +105,8 @@ class ModelUnavailable(UserError):
 def run_script(main: Callable[[], int]) -> None:
     """Run a script's `main`, turning a `UserError` into one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # onnx2torch's converted Slice indexes with a list on every call; torch warns each time, which floods the output
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
     for noisy in ("httpx", "httpcore", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
