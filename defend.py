@@ -219,9 +219,16 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
     )
 
 
+#: Compiled graphs kept per network: one per size bucket (and batch size) of a folder, compiled once and reused.
+COMPILED_SHAPES = 64
+
+
 def compile_models(components: dict) -> None:
     """torch.compile the networks that do the work: the autoencoder's encoder and decoder, the face network and
-    LPIPS' backbone."""
+    LPIPS' backbone. Shapes are static; each new size bucket is compiled once and kept (up to `COMPILED_SHAPES`)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILED_SHAPES)
     networks = []
     if "autoencoder" in components:
         networks += [components["autoencoder"].encoder, components["autoencoder"].decoder]
@@ -230,7 +237,7 @@ def compile_models(components: dict) -> None:
     if components.get("perceptual") is not None:
         networks.append(components["perceptual"].lpips.net)
     for network in networks:
-        network.compile()
+        network.compile(dynamic=False)
 
 
 def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
