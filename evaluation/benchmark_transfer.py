@@ -64,8 +64,9 @@ CONFIGS = {
     "ti": ["--ti_kernel", "5"],
     "mi-di": ["--momentum", "1.0", "--input_diversity", "0.5"],
     "mi-di-ti": ["--momentum", "1.0", "--input_diversity", "0.5", "--ti_kernel", "5"],
-    "eot": ["--eot", "jpeg,resize", "--eot_samples", "2"],
-    "mi-di-eot": ["--momentum", "1.0", "--input_diversity", "0.5", "--eot", "jpeg,resize", "--eot_samples", "2"],
+    "eot": ["--eot", "jpeg,resize"],  # one random cleanup per step: the expectation is taken over the iterations
+    "mi-di-eot": ["--momentum", "1.0", "--input_diversity", "0.5", "--eot", "jpeg,resize"],
+    "mi-di-eot2": ["--momentum", "1.0", "--input_diversity", "0.5", "--eot", "jpeg,resize", "--eot_samples", "2"],
 }
 JUDGED_CLEANUPS = ("none", "jpeg75", "resize0.5+jpeg75")
 KINDS = ("crops", "full")
