@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from defend import (
     NO_FACE_HINT,
@@ -29,6 +28,7 @@ from defend import (
     protect_images,
 )
 from methods.faces import NoFaceError
+from methods.progress import progress_bar
 from utils import (
     BatchRun,
     InputError,
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if attack is not None and run.is_main:
         print(f"{describe_attack(args, attack)} on {device}")
 
-    bar = tqdm(total=len(mine), desc="images", unit="img", disable=not run.is_main)
+    bar = progress_bar(total=len(mine), desc="images", unit="img", disable=not run.is_main)
 
     def fail(item: tuple[Path, Path], error: InputError) -> None:
         run.fail(str(item[0]), str(error))
