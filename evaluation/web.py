@@ -243,7 +243,6 @@ class Page:
 
     # -------------------------------------------------------------------------------------------- sessions
     def new_session(self) -> Session:
-        self.expire()
         session_id = secrets.token_urlsafe(18)
         folder = self.root / session_id
         folder.mkdir()
@@ -462,6 +461,7 @@ def make_handler(page: Page, allowed_hosts: set[str] | None) -> type[BaseHTTPReq
             try:
                 if allowed_hosts is not None and self.headers.get("Host", "") not in allowed_hosts:
                     raise PageError("this page answers only at its own address", HTTPStatus.FORBIDDEN)
+                page.expire()
                 handle()
             except PageError as error:
                 self.close_connection = True  # an unread upload body may follow

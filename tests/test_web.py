@@ -23,7 +23,7 @@ import defend
 from conftest import ROOT, export_tiny_onnx_face_model, tiny_autoencoder_tiny, write_photo
 from evaluation.calibration import model_digest, write_thresholds
 from evaluation.web import PageConfig, display_name, serve
-from utils import UserError
+from utils import UserError, read_heif
 
 LEVELS = 4
 
@@ -165,6 +165,7 @@ def test_bad_uploads_get_one_clear_line_and_the_page_goes_on(page, tmp_path):
 
 
 def test_uploaded_names_are_never_paths_and_files_stay_in_the_session_folder(page, tmp_path):
+    assert read_heif()
     assert display_name("../../etc/passwd") == "passwd" and display_name("..\\..\\x.png") == "x.png"
     assert display_name("a\x00b\nc.jpg") == "abc.jpg" and display_name("") == "photo"
     before = files_under(page.photos)
@@ -174,6 +175,9 @@ def test_uploaded_names_are_never_paths_and_files_stay_in_the_session_folder(pag
     written = files_under(page.photos) - before
     assert written and all(page.root / session in p.parents for p in written)
     assert not any(p.name == "evil.png" for p in page.photos.rglob("*"))
+    Image.open(tmp_path / "face.png").save(tmp_path / "face.heic", format="HEIF", quality=90)  # a phone's photo
+    status, data = upload(page, session, (tmp_path / "face.heic").read_bytes(), "IMG_0001.HEIC")
+    assert status == 200 and (data["name"], data["width"], data["height"]) == ("IMG_0001.HEIC", 160, 160)
     for path in (f"/files/{session}/..%2F..%2Fthresholds.json", f"/files/{session}/../thresholds.json",
                  f"/files/{session}/original-{data['id']}.png/..", "/files/nosuchsession/original-1.png"):
         assert request(page, "GET", path, api=False)[0] == 404
