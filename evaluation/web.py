@@ -393,13 +393,19 @@ class Page:
         difference = np.asarray(protected, dtype=np.int16) - np.asarray(image, dtype=np.int16)
         save_png(np.clip(128 + DIFFERENCE_GAIN * difference, 0, 255).astype(np.uint8),
                  session.folder / f"difference-{tag}.png")
+        result = {"name": photo.name, "original": f"original-{photo.id}.png", "protected": f"protected-{tag}.png",
+                  "difference": f"difference-{tag}.png", "difference_gain": DIFFERENCE_GAIN,
+                  "download": f"{download_stem(photo.name)}_protected.png", "width": image.width,
+                  "height": image.height, "budget_255": job.levels, "linf_255": stats["linf_255"],
+                  "psnr": stats["psnr"], "seconds": stats["seconds"], "report": None, "conclusion": None}
         job.stage = f"checking photo {k + 1} of {len(job.photos)}"
-        report = self.checker(args.fr_model)(image, Image.fromarray(protected))
-        return {"name": photo.name, "original": f"original-{photo.id}.png", "protected": f"protected-{tag}.png",
-                "difference": f"difference-{tag}.png", "difference_gain": DIFFERENCE_GAIN,
-                "download": f"{download_stem(photo.name)}_protected.png", "width": image.width,
-                "height": image.height, "budget_255": job.levels, "seconds": stats["seconds"],
-                "report": report, "conclusion": conclusion(report)}
+        try:  # the protected photo is offered even where the check cannot run (e.g. its judge is not here)
+            report = self.checker(args.fr_model)(image, Image.fromarray(protected))
+        except (UserError, NoFaceError) as error:
+            result["conclusion"] = f"not checked: {_one_line(error)}"
+        else:
+            result.update(report=report, conclusion=conclusion(report))
+        return result
 
     def _archive(self, session: Session, job: Job, written: list[tuple[Photo, Path]]) -> str:
         name = f"protected-{job.id}.zip"
@@ -481,8 +487,17 @@ def make_handler(page: Page, allowed_hosts: set[str] | None) -> type[BaseHTTPReq
                 raise PageError("not a request of this page", HTTPStatus.FORBIDDEN)
             return {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
 
+        def _length(self) -> int:
+            try:
+                length = int(self.headers["Content-Length"])
+            except (KeyError, TypeError, ValueError):
+                raise PageError("the request has no valid length", HTTPStatus.LENGTH_REQUIRED) from None
+            if length < 0:
+                raise PageError("the request has no valid length", HTTPStatus.LENGTH_REQUIRED)
+            return length
+
         def _body_json(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = self._length()
             if length > JSON_LIMIT:
                 raise PageError("request too large", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             try:
@@ -549,9 +564,7 @@ def make_handler(page: Page, allowed_hosts: set[str] | None) -> type[BaseHTTPReq
                 self._json(HTTPStatus.OK, {"session": page.new_session().id})
             elif path == "/api/upload":
                 session = page.session(query.get("session", ""))
-                if self.headers.get("Content-Length") is None:
-                    raise PageError("the upload has no length", HTTPStatus.LENGTH_REQUIRED)
-                length = int(self.headers["Content-Length"])
+                length = self._length()
                 self._json(HTTPStatus.OK, page.upload(session, self.headers.get("X-File-Name", ""), length,
                                                       self.rfile.read))
             elif path == "/api/protect":
@@ -618,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"open http://127.0.0.1:{port} in a browser (Ctrl+C stops the page)", flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped; the page's temporary files are deleted")
     finally:
         server.server_close()
         page.close()

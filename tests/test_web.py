@@ -119,8 +119,8 @@ def test_protects_photos_through_its_api_and_offers_pngs_and_a_zip(page, tmp_pat
     assert [r["name"] for r in result["results"]] == ["me.jpg", "me again.png"]
     clean = np.asarray(Image.open(tmp_path / "face.png"))
     for entry in result["results"]:
-        status, headers, data = request(page, "GET", f"/files/{session}/{entry['protected']}?download={entry['download']}",
-                                        api=False)
+        url = f"/files/{session}/{entry['protected']}?download={entry['download']}"
+        status, headers, data = request(page, "GET", url, api=False)
         assert status == 200 and headers["Content-Type"] == "image/png"
         assert f'filename="{entry["download"]}"' in headers["Content-Disposition"]
         protected = np.asarray(Image.open(io.BytesIO(data)))
@@ -185,6 +185,8 @@ def test_uploaded_names_are_never_paths_and_files_stay_in_the_session_folder(pag
 
 def test_api_requests_need_the_page_header_and_its_own_host(page):
     assert request(page, "POST", "/api/session", api=False)[0] == 403  # another site's form cannot start work
+    status, data = api(page, "POST", "/api/protect", b"{not json")
+    assert status == 400 and data["error"] == "malformed request"
     status, _, body = request(page, "GET", "/", headers={"Host": "attacker.example:80"}, api=False)
     assert status == 403 and b"own address" in body  # DNS rebinding
     status, headers, body = request(page, "GET", "/", api=False)
@@ -207,6 +209,18 @@ def test_no_traceback_reaches_the_browser(page, tmp_path, monkeypatch):
                                              "preset": "small"})[1]
     result = wait(page, session, job["job"])
     assert result["results"] == [{"name": "face.png", "error": "face.png: the protection failed (secret internals)"}]
+
+    def unavailable(*args, **kwargs):
+        raise UserError("cannot load face model 'mobilefacenet'")
+
+    monkeypatch.setattr(page, "checker", unavailable)  # a judge missing offline: the photo is still protected
+    photo = upload(page, session, face_photo(tmp_path / "face.png").read_bytes(), "face.png")[1]
+    job = api(page, "POST", "/api/protect", {"session": session, "photos": [photo["id"]], "levels": 2,
+                                             "preset": "small"})[1]
+    (entry,) = wait(page, session, job["job"])["results"]
+    assert entry["report"] is None and entry["conclusion"] == "not checked: cannot load face model 'mobilefacenet'"
+    assert entry["linf_255"] <= 2
+    assert request(page, "GET", f"/files/{session}/{entry['protected']}", api=False)[0] == 200
 
 
 def test_a_session_s_files_are_deleted_when_it_ends_or_idles(page, tmp_path):

@@ -127,35 +127,41 @@ function show(status) {
     const report = result.report;
     const images = element("div", null, "images");
     images.append(figure(fileUrl(result.original), "original"),
-      figure(fileUrl(result.protected), `protected (largest change ${report.linf_255}/255, PSNR ${report.psnr} dB)`),
+      figure(fileUrl(result.protected), `protected (largest change ${result.linf_255}/255, PSNR ${result.psnr} dB)`),
       figure(fileUrl(result.difference), `difference x${result.difference_gain} (grey: unchanged)`));
     card.appendChild(images);
     card.appendChild(element("p", result.conclusion, "conclusion"));
-    const table = element("table", null, "verdicts");
-    const head = element("tr");
-    head.append(element("th", "shared"), element("th", "face model"), element("th", "similarity"),
-      element("th", "verdict"));
-    table.appendChild(head);
-    for (const row of report.results) {
-      const line = element("tr");
-      const verdict = element("td", row.verdict, row.recognised === false ? "yes verdict" :
-        (row.recognised ? "no verdict" : "verdict"));
-      line.append(element("td", row.sharing), element("td", row.judge),
-        element("td", row.similarity === null ? "n/a" : row.similarity.toFixed(3)), verdict);
-      table.appendChild(line);
-    }
-    card.appendChild(table);
-    for (const judge of report.judges) {
-      const threshold = judge.threshold === null ? "" : `threshold ${judge.threshold} at ${judge.far * 100}% ` +
-        "false accepts; ";
-      card.appendChild(element("p", `${judge.model}: ${threshold}${judge.threshold_source}`, "hint"));
-    }
+    if (report) card.appendChild(verdicts(report));
     const link = element("a", `Download ${result.download}`, "download");
     link.href = fileUrl(result.protected, result.download);
     link.download = result.download;
     card.appendChild(link);
     $("results").appendChild(card);
   }
+}
+
+function verdicts(report) {
+  const part = element("div");
+  const table = element("table", null, "verdicts");
+  const head = element("tr");
+  head.append(element("th", "shared"), element("th", "face model"), element("th", "similarity"),
+    element("th", "verdict"));
+  table.appendChild(head);
+  for (const row of report.results) {
+    const line = element("tr");
+    const verdict = element("td", row.verdict, row.recognised === false ? "yes verdict" :
+      (row.recognised ? "no verdict" : "verdict"));
+    line.append(element("td", row.sharing), element("td", row.judge),
+      element("td", row.similarity === null ? "n/a" : row.similarity.toFixed(3)), verdict);
+    table.appendChild(line);
+  }
+  part.appendChild(table);
+  for (const judge of report.judges) {
+    const threshold = judge.threshold === null ? "" : `threshold ${judge.threshold} at ${judge.far * 100}% ` +
+      "false accepts; ";
+    part.appendChild(element("p", `${judge.model}: ${threshold}${judge.threshold_source}`, "hint"));
+  }
+  return part;
 }
 
 window.addEventListener("pagehide", () => {
