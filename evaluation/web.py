@@ -27,6 +27,8 @@ import queue
 import re
 import secrets
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -159,6 +161,8 @@ class Page:
         self.config = config
         self.device = pick_device(config.device)
         self.default_preset = "small" if self.device.type == "cpu" else "paper"
+        for preset in PAGE_PRESETS:
+            self.protection_args(preset, 4)  # refuse bad options now rather than at the first photo
         self.root = Path(tempfile.mkdtemp(prefix="facelock-page-", dir=config.temp_dir))
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
@@ -169,8 +173,6 @@ class Page:
         self._attack: tuple[tuple, Any, argparse.Namespace] | None = None
         self._checkers: dict[str, Checker] = {}
         self._check_autoencoder: torch.nn.Module | None = None
-        for preset in PAGE_PRESETS:
-            self.protection_args(preset, 4)  # refuse bad options now rather than at the first photo
         self.worker = threading.Thread(target=self._work, name="facelock-page-worker", daemon=True)
         self.worker.start()
 
@@ -629,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"protecting photos on {page.device}; default preset {page.default_preset}; temporary files in "
           f"{page.root} (deleted at the end)")
     print(f"open http://127.0.0.1:{port} in a browser (Ctrl+C stops the page)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` cleans up as Ctrl+C does
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -254,6 +254,7 @@ def test_listens_on_localhost_unless_shared_with_a_warning(tmp_path, monkeypatch
     assert "--max_upload_mb" in capsys.readouterr().out
     with pytest.raises(UserError, match="protection options are not valid"):
         defend.main(["--web", "--port", "0", "--num_iters", "zero"])
+    assert list(tmp_path.iterdir()) == []
     assert defend.build_parser().parse_args(["--input_path", "a", "--defend_method", "noise"]).web is False
     assert "--web" in defend.build_parser().format_help()
 
