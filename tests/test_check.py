@@ -125,15 +125,16 @@ def test_real_models_recognise_the_photo_and_not_its_facelock_protected_copy(ass
     save_png(np.asarray(face_crop(load_image(assets / "faces" / "obama" / "obama.jpg"), 224, FaceDetector())),
              photo_path)
     assert defend.main(["--input_path", str(photo_path), "--defend_method", "facelock", "--preset", "small",
-                        "--num_iters", "50"]) == 0
+                        "--num_iters", "50", "--attack_budget", "0.125"]) == 0  # 15/255: see the README
     capsys.readouterr()
     protected = tmp_path / "obama_protected.png"
     for extra, expected in (([], "recognised"), (["--protected", str(protected)], "not recognised")):
         assert check.main(["--original", str(photo_path), *extra, "--judge", "mobilefacenet", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
-        print(f"\n{'control' if not extra else 'protected'}: " +
-              ", ".join(f"{r['sharing']} {r['similarity']:.3f}" for r in report["results"]))
+        with capsys.disabled():
+            print(f"\n{'control' if not extra else 'protected'}: " +
+                  ", ".join(f"{r['sharing']} {r['similarity']:.3f}" for r in report["results"]))
         assert report["judges"][0]["model"] == "mobilefacenet"
         assert "thresholds.json" in report["judges"][0]["threshold_source"]  # the shipped table, not recalibrated
         assert report["summary"]["as posted"] == expected
-    assert report["linf_255"] <= 4 and report["psnr"] > 35
+    assert report["linf_255"] <= 15 and report["psnr"] > 25
