@@ -1,6 +1,7 @@
 """Protect one face photo against diffusion editing.
 
     python defend.py --input_path photo.jpg --defend_method facelock [--output_path photo_protected.png]
+    python defend.py --web      # a page in the browser instead (evaluation/web.py)
 
 Writes a lossless PNG of the input's size that differs from it by at most the budget (after 8-bit rounding).
 `main_defend.py` does the same for a folder. Run with `--help` for the methods and every option.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -300,11 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_path", required=True, help="the photo to protect")
     parser.add_argument("--output_path", help="where to write the protected PNG (default: <input>_protected.png "
                                               "beside the input)")
+    parser.add_argument("--web", action="store_true", help="start the web page on http://127.0.0.1:7860 instead "
+                                                           "(python -m evaluation.web --help: its options)")
     add_protection_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--web" in argv:
+        from evaluation import web
+
+        return web.main([a for a in argv if a != "--web"])
     args = parse_args(build_parser(), argv)
 
     source = Path(args.input_path)

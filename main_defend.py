@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from defend import (
     NO_FACE_HINT,
@@ -34,6 +33,7 @@ from defend import (
 from evaluation.batch import BackgroundWriter, BatchRun, prefetched
 from methods.faces import NoFaceError
 from methods.placement import Placement
+from methods.progress import progress_bar
 from utils import (
     UserError,
     derive_seed,
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if attack is not None and run.is_main:
         print(f"{describe_attack(args, attack)} on {device}")
 
-    bar = tqdm(total=len(mine), desc="images", unit="img", disable=not run.is_main)
+    bar = progress_bar(total=len(mine), desc="images", unit="img", disable=not run.is_main)
     unreadable: queue.SimpleQueue = queue.SimpleQueue()  # filled by the loading thread, recorded here
 
     def record_unreadable() -> None:

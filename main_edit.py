@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from edit import add_edit_arguments, edit_images, edit_seed, load_editor, parse_args
 from evaluation.batch import BatchRun
+from methods.progress import progress_bar
 from utils import (
     InputError,
     UserError,
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mine = run.mine(work)
     pipe = load_editor(args, run.device, progress=False) if mine else None
 
-    bar = tqdm(total=len(mine), desc="edits", unit="edit", disable=not run.is_main)
+    bar = progress_bar(total=len(mine), desc="edits", unit="edit", disable=not run.is_main)
     bad: set[Path] = set()
 
     def fail(source: Path, error: InputError) -> None:

@@ -8,6 +8,7 @@ like `../shared/assets/`, used where the Hugging Face hub cannot be reached).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
+HEIF_EXTENSIONS = (".heic", ".heif")
 MIN_SIDE = 64
 #: The largest photo accepted, in pixels (today's phones take up to 200 megapixels); larger files are refused
 #: before they are decoded. It replaces Pillow's decompression-bomb limit (89 megapixels) for this project's reads.
@@ -122,7 +124,8 @@ def run_script(main: Callable[[], int]) -> None:
 # ------------------------------------------------------------------------------------------------- images
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB with its EXIF orientation applied.
+    """Open an image file (PNG, JPEG, WebP, BMP, TIFF, HEIC/HEIF, ...) as 8-bit RGB with its EXIF orientation
+    applied.
 
     Grayscale and palette images become RGB, transparency is composited onto white, 16-bit and float images are
     scaled to 8 bits. Raises `InputError` for a missing, unreadable, truncated, too small or too large file.
@@ -131,6 +134,8 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow then refuses (warns, made an error here) beyond this project's limit
+    if not read_heif() and path.suffix.lower() in HEIF_EXTENSIONS:
+        raise InputError(f"{path}: HEIC/HEIF photos need the pillow-heif package (pip install -r requirements.txt)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -147,6 +152,18 @@ def load_image(path: str | Path) -> Image.Image:
     if min(image.size) < MIN_SIDE:
         raise InputError(f"{path}: image too small ({image.width}x{image.height}); need at least {MIN_SIDE} px a side")
     return to_rgb8(image)
+
+
+@functools.cache
+def read_heif() -> bool:
+    """Teach Pillow to open HEIC/HEIF photos (what phones take) with pillow-heif, once, when the first image is
+    opened; False where pillow-heif is not installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -205,6 +222,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """The (width, height) `load_image` will give, read from the file's header alone (EXIF orientation applied);
     (0, 0) for a file that cannot be opened, which `load_image` then explains."""
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    read_heif()
     try:
         with Image.open(path) as image:
             turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from methods.progress import progress_bar
 from utils import (
     UserError,
     atomic_write,
@@ -104,7 +104,7 @@ def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequen
             names = [n for n in sorted(edits) if (with_clean and n in cleans) or (with_source and n in sources)]
             for metric in with_source:
                 metric.set_prompt(prompts[i])
-            bar = tqdm(total=len(names), desc=f"{edit_set.label} {folder.name}", leave=False, disable=not progress)
+            bar = progress_bar(total=len(names), desc=f"{edit_set.label} {folder.name}", leave=False, disable=not progress)
             for batch in batches_by_size(names, lambda n: image_size(edits[n]), batch_size):
                 _score_batch(results, edit_set.label, i, batch, edits, cleans, sources, with_clean, with_source)
                 bar.update(len(batch))

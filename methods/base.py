@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import ProgressBar, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,8 @@ class Attack:
         `evaluation/benchmark_speed.py` times for every method."""
         raise NotImplementedError
 
-    def iterations(self, total: int, desc: str) -> tqdm:
-        return tqdm(range(total), desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+    def iterations(self, total: int, desc: str) -> ProgressBar:
+        return progress_bar(range(total), desc=desc, leave=False, disable=not self.progress)
 
 
 class PGDAttack(Attack):
@@ -238,7 +239,7 @@ class PGDAttack(Attack):
                     return x_adv.detach()
             step = self.step_size_at(i) * self.direction(grad, state) * active
             x_adv = project(x_adv.detach() + step, x, self.eps, self.bounds)
-            bar.set_postfix(objective=f"{value.mean().item():.4f}")
+            bar.set_postfix(objective=f"{value.mean().item():.4f}", refresh=False)
             if self.monitor is not None:
                 self.monitor(i, x_adv)
         return x_adv
