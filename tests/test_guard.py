@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import urllib.error
@@ -224,3 +225,47 @@ def test_main_edit_protects_a_folder_records_both_similarities_and_resumes(tmp_p
     assert "2 edits already done, 2 to do" in capsys.readouterr().out
     with pytest.raises(UserError, match="--protect_identity True"):
         main_edit.main([a for a in argv if a != "--protect_identity"])
+
+
+# ------------------------------------------------------------------------------------ protection success rate
+
+def test_protection_success_counts_edits_below_the_threshold_and_skips_faceless_ones():
+    from evaluation.metrics.protection import ProtectionSuccess
+    from methods.faces import FaceIdentity, Faces
+
+    face = sensitive_face()
+    source, other = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (0, 9))
+    with torch.no_grad():
+        apart = face(other, face.reference(source)).item()
+    metric = ProtectionSuccess(face, threshold=(1 + apart) / 2)
+    metric.add_sources(["a"], source)
+    assert metric.score(torch.cat([source, other]), ["a", "a"]).tolist() == [0.0, 1.0]  # recognised, protected
+    faceless = FaceIdentity(face.embedder, lambda x: Faces(torch.zeros(0, dtype=torch.long), torch.zeros(0, 4),
+                                                           torch.zeros(0, 5, 2), len(x)))
+    blind = ProtectionSuccess(faceless, threshold=0.5)
+    blind.sources["a"] = metric.sources["a"]
+    assert torch.isnan(blind.score(other, ["a"])).all()
+
+
+def test_the_evaluator_reports_psr_with_a_given_threshold_and_explains_a_missing_one(tmp_path, monkeypatch):
+    from evaluation import runner
+
+    sources, method = tmp_path / "src", tmp_path / "guard" / "seed0" / "prompt0"
+    sources.mkdir()
+    method.mkdir(parents=True)
+    face_photo(sources / "a.png", size=128)
+    Image.open(sources / "a.png").save(method / "a.png")
+    write_photo(method / "b.png", size=(96, 96))
+    write_photo(sources / "b.png", size=(96, 96))
+    face = export_tiny_onnx_face_model(tmp_path / "face")
+    argv = ["--src_dir", str(sources), "--defend_edit_dirs", str(tmp_path / "guard"), "--seed", "0", "--metrics",
+            "fr,psr", "--fr_model", str(face), "--output", str(tmp_path / "out")]
+    assert runner.cli(runner.METRIC_KEYS, "test", [*argv, "--fr_threshold", "0.5"]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| method | FR ↓ | PSR ↑ |" in table
+    with (tmp_path / "out" / "psr_per_image.csv").open() as f:
+        scores = {row["image"]: row["psr"] for row in csv.DictReader(f)}
+    assert scores == {"a": "0.0", "b": "nan"}  # the unchanged photo is recognised; noise has no face to score
+    monkeypatch.delenv("FACELOCK_ASSETS", raising=False)
+    with pytest.raises(UserError, match="--calibration_faces"):
+        runner.cli(runner.METRIC_KEYS, "test", argv)
