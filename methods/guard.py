@@ -24,7 +24,7 @@ Range: images `N x 3 x H x W` in `[-1, 1]`; latents in the editor's own (scaled)
 
 Example::
 
-    guard = IdentityGuard(load_face_identity("sface", device), VGGFeatureDistance(vgg19_relu3_4()))
+    guard = IdentityGuard(load_face_identity("sface", device), load_vgg19_features())
     edit = guarded_edit(pipe, guard, sources, prompt=[prompt], image=[photo], generator=[generator])
     edit.clean      # exactly the unprotected edit (its 8-bit values), N x 3 x H x W in [-1, 1]
     edit.protected  # within eps of it; guard.report(edit.clean, rounded, edit.identity) gives the similarities
@@ -33,7 +33,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,8 +43,6 @@ from tqdm.auto import tqdm
 from .autoencoder import as_autoencoder
 from .base import frozen, project
 from .faces import EnsembleReference, FaceReference, Faces, NoFaceError
-
-logger = logging.getLogger(__name__)
 
 
 def adaptive_weight(perceptual_loss: torch.Tensor) -> torch.Tensor:
@@ -257,7 +254,7 @@ class _Recorder:
     them, the scheduler, the generators' states and the conditioning, so that the protected trajectory can branch
     off there and replay the remaining steps with the same noise."""
 
-    def __init__(self, steps: int, generators: list[torch.Generator | None]) -> None:
+    def __init__(self, steps: int, generators: list[torch.Generator]) -> None:
         self.steps, self.generators = steps, generators
         self.latents: list[torch.Tensor] = []
         self.timesteps: list = []
@@ -272,15 +269,12 @@ class _Recorder:
             self.timesteps.append(t)
         if i == first:
             self.scheduler = copy.deepcopy(pipe.scheduler)
-            self.states = [g.get_state() if g is not None else None for g in self.generators]
+            self.states = [g.get_state() for g in self.generators]
             self.conditioning = {k: v.detach().clone() for k, v in tensors.items() if k != "latents"}
         return {}
 
-    def restored_generators(self) -> list[torch.Generator | None]:
-        restored = []
-        for g, state in zip(self.generators, self.states):
-            restored.append(None if g is None else torch.Generator(g.device).set_state(state))
-        return restored
+    def restored_generators(self) -> list[torch.Generator]:
+        return [torch.Generator(g.device).set_state(state) for g, state in zip(self.generators, self.states)]
 
 
 def _pix2pix_noise(pipe, scheduler, latents: torch.Tensor, t, conditioning: dict) -> torch.Tensor:
@@ -333,7 +327,10 @@ def guarded_edit(pipe, guard: IdentityGuard, sources: torch.Tensor, target: torc
     """
     denoise, inputs = _denoiser(pipe)
     generators = options.get("generator")
-    generators = list(generators) if isinstance(generators, (list, tuple)) else [generators] * len(sources)
+    generators = list(generators) if isinstance(generators, (list, tuple)) else [generators]
+    if len(generators) != len(sources) or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError("guarded_edit needs one torch.Generator per image (generator=[...]), so that the protected "
+                         "trajectory replays the clean one's noise")
     recorder = _Recorder(guard.steps, generators)
     sources = sources.to(pipe._execution_device)
     target = None if target is None else target.to(sources.device)

@@ -15,7 +15,7 @@ from PIL import Image
 import edit
 import main_edit
 from conftest import ROOT, export_tiny_onnx_face_model, tiny_face_identity, write_photo
-from methods.guard import IdentityGuard, adaptive_weight
+from methods.guard import IdentityGuard, adaptive_weight, guarded_edit
 from methods.perceptual import RELU3_4, VGGFeatureDistance, load_vgg19_features, vgg19_relu3_4
 from utils import UserError, pil_to_tensor
 
@@ -106,6 +106,8 @@ def test_the_clean_edit_is_the_plain_edit_and_an_idle_guard_replays_it_exactly(p
     assert np.array_equal(pixels(clean[0]), pixels(plain))
     # the protected trajectory branched off 3 steps before the end and replayed them with the same noise
     assert records[0]["steps"] == 3 and np.array_equal(pixels(protected[0]), pixels(plain))
+    with pytest.raises(ValueError, match="one torch.Generator per image"):  # the global RNG cannot be replayed
+        guarded_edit(pipe, idle, pil_to_tensor(PHOTO), prompt=["x"], image=[PHOTO], num_inference_steps=2)
 
 
 @pytest.mark.parametrize("pix2pix", [True, False], ids=["instruct-pix2pix", "img2img"])
