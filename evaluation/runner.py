@@ -35,15 +35,18 @@ from .metrics.base import CleanMetric, Metric, SourceMetric
 from .metrics.clip_score import ClipEmbedder, ClipI, ClipS
 from .metrics.facial import FaceSimilarity
 from .metrics.perceptual import LPIPS
+from .metrics.protection import ProtectionSuccess
 from .metrics.psnr import PSNR
 from .metrics.ssim import SSIM
 from .walker import EditSet, edit_sets, images_by_name, pair_by_name
 
 logger = logging.getLogger(__name__)
 
-#: Every metric by key, in the paper's order.
-METRIC_CLASSES = {cls.key: cls for cls in (PSNR, SSIM, LPIPS, ClipS, ClipI, FaceSimilarity)}
-METRIC_KEYS = tuple(METRIC_CLASSES)
+#: Every metric by key: the paper's six in its order, then the protection success rate.
+METRIC_CLASSES = {cls.key: cls for cls in (PSNR, SSIM, LPIPS, ClipS, ClipI, FaceSimilarity, ProtectionSuccess)}
+#: The paper's metrics, computed by default; the others on request (--metrics).
+METRIC_KEYS = ("psnr", "ssim", "lpips", "clip_s", "clip_i", "fr")
+EXTRA_KEYS = ("psr",)
 
 
 @dataclass
@@ -240,6 +243,13 @@ def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentPars
                                  "code from its hub repository) or an .onnx path")
         parser.add_argument("--fr_landmarks", default="detect", choices=["detect", "source"],
                             help="find the face in each edit again (default) or crop where the source's face was")
+        parser.add_argument("--far", type=float, default=0.01,
+                            help="psr: false-accept rate at which --fr_model's threshold is calibrated")
+        parser.add_argument("--calibration_faces",
+                            help="psr: labelled photos to calibrate the threshold on (a labels.csv or one folder per "
+                                 "person; default: $FACELOCK_ASSETS/faces)")
+        parser.add_argument("--fr_threshold", type=float,
+                            help="psr: use this similarity threshold instead of calibrating one")
     return parser
 
 
@@ -248,7 +258,7 @@ def build_metrics(keys: Sequence[str], args: argparse.Namespace, device: torch.d
     from utils import load_face_identity, load_perceptual
 
     metrics: list[Metric] = []
-    embedder = None
+    embedder = identity = None
     for key in keys:
         if key == "psnr":
             metrics.append(PSNR())
@@ -259,10 +269,29 @@ def build_metrics(keys: Sequence[str], args: argparse.Namespace, device: torch.d
         elif key in ("clip_s", "clip_i"):
             embedder = embedder or load_clip(args.clip_model, device)
             metrics.append((ClipS if key == "clip_s" else ClipI)(embedder))
-        elif key == "fr":
-            identity = load_face_identity(args.fr_model, device)
-            metrics.append(FaceSimilarity(identity, reuse_landmarks=args.fr_landmarks == "source"))
+        elif key in ("fr", "psr"):
+            identity = identity or load_face_identity(args.fr_model, device)
+            if key == "fr":
+                metrics.append(FaceSimilarity(identity, reuse_landmarks=args.fr_landmarks == "source"))
+            else:
+                threshold = args.fr_threshold if args.fr_threshold is not None else fr_threshold(identity, args, device)
+                metrics.append(ProtectionSuccess(identity, threshold, reuse_landmarks=args.fr_landmarks == "source"))
     return metrics
+
+
+def fr_threshold(identity, args: argparse.Namespace, device: torch.device) -> float:
+    """The threshold of the face model at `--far`, calibrated on `--calibration_faces`."""
+    from .calibration import calibrate, default_faces, labelled_photos
+
+    try:
+        faces = Path(args.calibration_faces) if args.calibration_faces else default_faces()
+    except UserError:
+        raise UserError("psr needs --fr_model's threshold: pass --calibration_faces (labelled photos), "
+                        "--fr_threshold, or set FACELOCK_ASSETS to a folder holding faces/") from None
+    result = calibrate(identity, labelled_photos(faces), args.far, device)
+    logger.info("psr: %s threshold %.3f at FAR %s (%d different-person pairs in %s)", args.fr_model,
+                result.threshold, args.far, result.impostor_pairs, faces)
+    return result.threshold
 
 
 def load_clip(name: str, device: torch.device):
@@ -279,14 +308,17 @@ def load_clip(name: str, device: torch.device):
 def cli(keys: Sequence[str], description: str, argv: Sequence[str] | None = None, name: str | None = None) -> int:
     """Parse, load the models, evaluate, write `--output`, print the table."""
     parser = build_parser(keys, description)
+    allowed = list(keys) + ([k for k in EXTRA_KEYS if "fr" in keys] if name is None else [])
     if name is None:
         parser.add_argument("--metrics", default=",".join(keys),
-                            help=f"comma-separated subset of {','.join(keys)}")
+                            help=f"comma-separated subset of {','.join(allowed)} (psr: the protection success rate, "
+                                 f"the fraction of edits --fr_model no longer matches to the source at its --far "
+                                 f"threshold)")
     args = parser.parse_args(argv)
     chosen = list(keys) if name else [k.strip() for k in args.metrics.split(",") if k.strip()]
-    unknown = sorted(set(chosen) - set(keys))
+    unknown = sorted(set(chosen) - set(allowed))
     if unknown or not chosen:
-        parser.error(f"--metrics takes a comma-separated subset of {','.join(keys)}, got {args.metrics!r}")
+        parser.error(f"--metrics takes a comma-separated subset of {','.join(allowed)}, got {args.metrics!r}")
     if any(k in ("psnr", "ssim", "lpips") for k in chosen) and not args.clean_edit_dir:
         parser.error("PSNR, SSIM and LPIPS compare with the clean edits: pass --clean_edit_dir")
     sets = [s for folder in args.defend_edit_dirs for s in edit_sets(folder, args.seed)]

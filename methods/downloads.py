@@ -31,7 +31,8 @@ HUB_REVISIONS = {
 
 @dataclass(frozen=True)
 class PinnedFile:
-    """A file fetched by URL, with the SHA-256 of its bytes."""
+    """A file fetched by URL, with the SHA-256 of its bytes (or its first digits, where only those are published,
+    as torchvision does in its file names)."""
 
     url: str
     sha256: str
@@ -52,6 +53,10 @@ FACENET_VGGFACE2 = PinnedFile("https://github.com/timesler/facenet-pytorch/relea
 #: torchvision's VGG16, the backbone of LPIPS-VGG (torchvision checks only an 8-digit prefix of the hash).
 VGG16 = PinnedFile("https://download.pytorch.org/models/vgg16-397923af.pth",
                    "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0")
+
+
+#: torchvision's VGG19, for Flux-Guard's feature loss (torchvision publishes the first 8 digits of its SHA-256).
+VGG19 = PinnedFile("https://download.pytorch.org/models/vgg19-dcbb9e9d.pth", "dcbb9e9d")
 
 
 class ChecksumMismatch(OSError):
@@ -87,7 +92,7 @@ def fetch(pinned: PinnedFile, path: str | Path, download: Callable[[str, str], N
     path = Path(path)
     download = download or _download
     if path.is_file():
-        if sha256_of(path) == pinned.sha256:
+        if sha256_of(path).startswith(pinned.sha256):
             return path
         logger.warning("%s does not match its pinned SHA-256; downloading it again", path)
         path.unlink()
@@ -98,7 +103,7 @@ def fetch(pinned: PinnedFile, path: str | Path, download: Callable[[str, str], N
         logger.info("downloading %s to %s", pinned.url, path)
         download(pinned.url, tmp)
         actual = sha256_of(tmp)
-        if actual != pinned.sha256:
+        if not actual.startswith(pinned.sha256):
             raise ChecksumMismatch(f"{pinned.url} has SHA-256 {actual}, not the pinned {pinned.sha256}; the file "
                                    f"was not kept")
         os.replace(tmp, path)

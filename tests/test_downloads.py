@@ -72,3 +72,11 @@ def test_hub_models_load_at_their_pinned_revision_or_the_one_named(caplog):
     assert seen[-1] == ("someone/editor", None) and "not pinned" in caplog.text
     assert split_revision("madebyollin/taesd") == ("madebyollin/taesd", HUB_REVISIONS["madebyollin/taesd"])
     assert all(len(revision) == 40 for revision in HUB_REVISIONS.values())
+
+
+def test_a_file_published_with_a_hash_prefix_is_checked_against_it(tmp_path):
+    prefixed = PinnedFile(PINNED.url, PINNED.sha256[:8])  # as torchvision names its files
+    assert fetch(prefixed, tmp_path / "a.bin", writer(GOOD, [])).read_bytes() == GOOD
+    with pytest.raises(ChecksumMismatch):
+        fetch(prefixed, tmp_path / "b.bin", writer(b"other bytes", []))
+    assert downloads.VGG19.sha256 == "dcbb9e9d" and downloads.VGG19.filename == "vgg19-dcbb9e9d.pth"
