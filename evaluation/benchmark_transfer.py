@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configs", default="single,plain,mi-di,eot,mi-di-eot",
                         help=f"comma-separated subset of {','.join(CONFIGS)}")
     parser.add_argument("--kinds", default="crops,full", help="crops (256 px around the face), full (512 px portraits)")
+    parser.add_argument("--photos", type=int, help="protect only this many photos, spread evenly over the sorted "
+                                                   "names (for quick sweeps; thresholds still use every photo)")
     parser.add_argument("--attack_budget", type=float, default=0.03, help="L-infinity budget in [-1, 1] units")
     parser.add_argument("--num_iters", type=int, default=100, help="attack iterations")
     parser.add_argument("--vae", default="madebyollin/taesd", help="the surrogate autoencoder, also the 'editor'")
@@ -109,6 +111,18 @@ def prepare_photos(photos: list[tuple[Path, str]], output: Path, kinds: Sequence
     return folders
 
 
+def subset(folder: Path, count: int) -> Path:
+    """A folder beside `folder` holding `count` of its photos, spread evenly over their sorted names."""
+    photos = sorted(folder.glob("*.png"))
+    chosen = [photos[round(k * len(photos) / count)] for k in range(min(count, len(photos)))]
+    target = folder.with_name(f"{folder.name}-{len(chosen)}")
+    target.mkdir(exist_ok=True)
+    for path in chosen:
+        if not (target / path.name).exists():
+            (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
 def protect(args: argparse.Namespace, photos: Path, out: Path, attacked: list[str], config: str, kind: str) -> Path:
     """Protect `photos` with FaceLock against `attacked` under `config`; returns the folder of protected photos."""
     models = attacked[:1] if config == "single" else attacked
@@ -133,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output, device = Path(args.output), pick_device(args.device)
     photos = labelled_photos(Path(args.faces) if args.faces else default_faces())
     folders = prepare_photos(photos, output, kinds)
+    if args.photos:
+        folders = {kind: subset(folder, args.photos) for kind, folder in folders.items()}
     names = {kind: sorted(p.stem for p in folder.glob("*.png")) for kind, folder in folders.items()}
     identities = {m: load_face_identity(m, device) for m in models}
     thresholds = {m: calibrate(identity, photos, args.far, device) for m, identity in identities.items()}
