@@ -173,12 +173,31 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float) -> np.ndarray:
+def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float, norm: str = "linf") -> np.ndarray:
     """Round a protected image to 8 bits without leaving the budget: each pixel moves from the clean 8-bit value
-    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units)."""
-    levels = int(np.floor(eps * 127.5 + 1e-6))
+    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units).
+
+    With `norm="l2"` (`eps` the L2 length of the whole perturbation in `[-1, 1]` units), pixels are rounded to the
+    nearest level, and where that makes the perturbation longer than `eps`, the pixels rounded furthest away from
+    the clean value are rounded toward it instead, until it fits (rounding all of them toward it always fits)."""
     adversarial = (x_adv.detach().float().cpu().reshape(-1, *x_adv.shape[-2:]).permute(1, 2, 0).numpy() + 1) * 127.5
-    delta = np.clip(np.round(adversarial - clean.astype(np.float64)), -levels, levels)
+    exact = adversarial - clean.astype(np.float64)
+    if norm == "l2":
+        radius = eps * 127.5  # in 8-bit levels
+        exact *= min(1.0, radius / max(float(np.linalg.norm(exact)), 1e-12))  # float32 rounding may overshoot
+        base = clean.astype(np.int64)
+        delta = np.clip(base + np.round(exact), 0, 255) - base
+        over = float(np.sum(delta**2)) - radius**2
+        if over > 1e-6:
+            excess = np.abs(delta) - np.abs(exact)  # > 0 where rounding moved a pixel away from the clean value
+            order = np.argsort(-excess, axis=None)
+            order = order[excess.flat[order] > 0]
+            saved = np.cumsum(2 * np.abs(delta.flat[order]) - 1)  # what rounding each toward the clean value saves
+            chosen = order[:int(np.searchsorted(saved, over - 1e-6)) + 1]
+            delta.flat[chosen] -= np.sign(delta.flat[chosen])
+        return (base + delta).astype(np.uint8)
+    levels = int(np.floor(eps * 127.5 + 1e-6))
+    delta = np.clip(np.round(exact), -levels, levels)
     return np.clip(clean.astype(np.int64) + delta, 0, 255).astype(np.uint8)
 
 
@@ -516,7 +535,8 @@ def protect_tensor(attack: Callable, x: torch.Tensor, generators: list[torch.Gen
                    multiple: int = 8) -> torch.Tensor:
     """Run `attack` on images of any size: padded (edge pixels repeated) to a multiple of `multiple` for the
     autoencoder, and, where the long side exceeds `max_size` (0: never), attacked at that size with the
-    perturbation resized back. Returns the protected batch at the input's size, within the attack's budget."""
+    perturbation resized back. Returns the protected batch at the input's size, within the attack's budget
+    (`attack.project`)."""
     height, width = x.shape[-2:]
     scale = max_size / max(height, width) if max_size and max(height, width) > max_size else 1.0
     work = x
@@ -528,4 +548,4 @@ def protect_tensor(attack: Callable, x: torch.Tensor, generators: list[torch.Gen
     delta = (attack(padded, generators) - padded)[..., :h, :w]
     if scale < 1:
         delta = F.interpolate(delta, size=(height, width), mode="bilinear", align_corners=False)
-    return (x + delta.clamp(-attack.eps, attack.eps)).clamp(-1, 1)
+    return attack.project(x + delta, x)
