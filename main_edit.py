@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, loader: Callable = load_editor) -> int:
+    """`loader(args, device, progress)` gives the pipeline (evaluation.table1 passes one that loads it once for
+    every folder it edits)."""
     args = parse_args(build_parser(), argv)
     src_dir, folder = Path(args.src_dir), Path(args.edit_dir) / f"seed{args.seed}"
     if not src_dir.is_dir():
@@ -86,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(work)} to do{processes}")
     mine = run.mine(work)
     device = pick_device(args.device) if args.device != "auto" else run.state.device
-    pipe = load_editor(args, device, progress=False) if mine else None
+    pipe = loader(args, device, progress=False) if mine else None
 
     bar = tqdm(total=len(mine), desc="edits", unit="edit", disable=not run.is_main)
     bad: set[Path] = set()
