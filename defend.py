@@ -216,8 +216,9 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
     for model in components.values():
         if model is not None:
             model.to(memory_format=memory_format)
-    if args.vae_tiling and "autoencoder" in components:
-        components["autoencoder"].enable_tiling()
+    if args.vae_tiling and ("autoencoder" in components or "editor" in components):
+        autoencoder = components["autoencoder"] if "autoencoder" in components else components["editor"].autoencoder.vae
+        autoencoder.enable_tiling()
     if args.compile:
         compile_models(components)
     return methods.create(
@@ -244,11 +245,13 @@ def load_attacked_editor(args: argparse.Namespace, device: torch.device) -> torc
 
 
 def compile_models(components: dict) -> None:
-    """torch.compile the networks that do the work: the autoencoder's encoder and decoder, the face network and
-    LPIPS' backbone."""
+    """torch.compile the networks that do the work: the autoencoder's encoder and decoder, the editor's UNet, the
+    face network and LPIPS' backbone."""
     networks = []
     if "autoencoder" in components:
         networks += [components["autoencoder"].encoder, components["autoencoder"].decoder]
+    if "editor" in components:
+        networks.append(components["editor"].unet)
     if components.get("face") is not None:
         networks += components["face"].networks()
     if components.get("perceptual") is not None:

@@ -113,9 +113,9 @@ class Attack:
     Images are `N x 3 x H x W` tensors in `[-1, 1]`. Calling the attack returns protected images within `eps`
     (L-infinity, in the same `[-1, 1]` units; or, with `norm="l2"`, the L2 length of each image's whole
     perturbation) of the input and inside the bounds, detached, on the input's device and in its dtype; the input
-    is never modified. Models listed by `modules()` are frozen (eval mode, no
-    parameter gradients) for the duration of the call and restored afterwards. Internally the perturbation is
-    optimised in float32 whatever the input dtype; each model wrapper casts to its own dtype.
+    is never modified. Models listed by `modules()` are frozen (eval mode, no parameter gradients) for the
+    duration of the call and restored afterwards. Internally the perturbation is optimised in float32 whatever the
+    input dtype; each model wrapper casts to its own dtype.
 
     Subclasses implement `perturb(x, generator)`, usually as a loop over `objective` (the value one iteration
     computes and the attack increases) with what `prepare` computed once on the clean images.
@@ -129,8 +129,9 @@ class Attack:
     def __init__(self, eps: float = 0.03, progress: bool = False, norm: str = "linf") -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        if not 0 < eps <= (self.bounds[1] - self.bounds[0] if norm == "linf" else math.inf):
-            raise ValueError(f"the budget eps must be in (0, {self.bounds[1] - self.bounds[0]}], got {eps}")
+        limit = self.bounds[1] - self.bounds[0] if norm == "linf" else math.inf
+        if not 0 < eps <= limit:
+            raise ValueError(f"the budget eps must be in (0, {limit}], got {eps}")
         self.eps = eps
         self.norm = norm
         self.progress = progress

@@ -258,6 +258,20 @@ def test_defend_protects_with_editshield_and_the_diffusion_attack(tmp_path, tiny
     assert f"editor stable-diffusion {tiny_img2img_dir}, 4 steps unrolled" in printed
 
 
+def test_tiling_and_compiling_reach_the_editor(tmp_path, tiny_pix2pix_dir, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    compiled, tiled = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    decode = AutoencoderKL.tiled_decode
+    monkeypatch.setattr(AutoencoderKL, "tiled_decode", lambda self, *a, **k: tiled.append(1) or decode(self, *a, **k))
+    source = write_photo(tmp_path / "in.png", size=(96, 96))  # latents wider than the tiny VAE's 16-latent tiles
+    assert defend.main(["--input_path", str(source), "--defend_method", "diffusion", "--model_id",
+                        str(tiny_pix2pix_dir), "--diffusion_steps", "1", "--grad_reps", "1", "--vae_tiling",
+                        "--compile", "--num_iters", "1"]) == 0
+    assert compiled == ["UNet2DConditionModel"] and tiled
+
+
 def test_the_l2_budget_holds_in_the_saved_file_and_is_refused_where_it_does_not_apply(tmp_path, tiny_vae_dir,
                                                                                       capsys):
     photos = tmp_path / "photos"
