@@ -113,11 +113,9 @@ def options(**flags) -> list[str]:
     return [item for name, value in flags.items() if value is not None for item in (f"--{name}", str(value))]
 
 
-def select_photos(image_dir: Path, folder: Path, limit: int) -> list[Path]:
-    """Make `folder` hold exactly the photos used (links to them, or copies where links cannot be made)."""
-    sources = list_images(image_dir)
-    if not sources:
-        raise UserError(f"no images in {image_dir}")
+def select_photos(sources: list[Path], folder: Path, limit: int) -> list[Path]:
+    """Make `folder` hold exactly the photos used, the first `limit` of `sources` (all for 0): links to them, or
+    copies where links cannot be made."""
     chosen = {source.name: source for source in (sources[:limit] if limit else sources)}
     folder.mkdir(parents=True, exist_ok=True)
     for entry in folder.iterdir():
@@ -170,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(names) - set(methods.METHODS))
     if unknown or not names or len(set(names)) < len(names):
         raise UserError(f"--methods takes different names of {', '.join(methods.METHODS)}; got {args.methods!r}")
-    metric_keys = [k.strip() for k in args.metrics.split(",") if k.strip()]
+    args.metric_keys = metric_keys = [k.strip() for k in args.metrics.split(",") if k.strip()]
     if not metric_keys or set(metric_keys) - set(METRIC_KEYS):
         raise UserError(f"--metrics takes a subset of {','.join(METRIC_KEYS)}; got {args.metrics!r}")
     image_dir, output = Path(args.image_dir), Path(args.output_dir)
@@ -179,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--image_dir {image_dir} is not a folder")
     if same_file(image_dir, photos):
         raise UserError(f"--image_dir is {photos}, the run's own copy of the photos; point it at the originals")
+    sources = list_images(image_dir)
+    if not sources:
+        raise UserError(f"no images in {image_dir}")
     prompts = read_prompts(args.prompts)
 
     # protection and edits: each process does its share (main_defend and main_edit split and wait for each other)
@@ -200,12 +201,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "facelock" in names and args.heldout_fr_model in resolved["facelock"].fr_model.split(","):
         raise UserError(f"--heldout_fr_model {args.heldout_fr_model} is the model facelock attacks; choose another")
     edited = edit.parse_args(main_edit.build_parser(), ["--src_dir", "-", "--edit_dir", "-", *edit_common])
-    indices = sorted({int(i) for i in args.prompt_indices.split(",")}) if args.prompt_indices else None
+    try:
+        shown = sorted({int(i) for i in args.prompt_indices.split(",")}) if args.prompt_indices else None
+    except ValueError:
+        raise UserError(f"--prompt_indices takes comma-separated numbers, got {args.prompt_indices!r}") from None
+    shown = list(range(len(prompts))) if shown is None else shown
+    if not 0 <= shown[0] <= shown[-1] < len(prompts):
+        raise UserError(f"--prompt_indices must lie in 0..{len(prompts) - 1}")
 
     state = PartialState(cpu=args.device == "cpu")
     say = print if state.is_main_process else lambda *_: None
     if state.is_main_process:
-        chosen = select_photos(image_dir, photos, args.limit)
+        chosen = select_photos(sources, photos, args.limit)
         say(f"Table 1 on {len(chosen)} photos of {image_dir} ({', '.join(names)}); outputs in {output}")
     state.wait_for_everyone()
     status = 0
@@ -227,43 +234,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed_dir = f"seed{args.seed}"
     clean = EditSet("clean", edit_dirs["clean"][1] / seed_dir)
     sets = [EditSet(m, target / seed_dir) for m, (_, target) in edit_dirs.items() if m != "clean"]
-    shown = indices if indices is not None else list(range(len(prompts)))
-    parameters = {"metrics": metric_keys, "fr_model": args.fr_model, "heldout_fr_model": args.heldout_fr_model,
+    digest = score(args, photos, clean, sets, prompts, shown, output / "results",
+                   setting(args, resolved, edited, shown, photos))
+    make_report(args, photos, names, output, shown, digest)
+    print(f"\ntable: {output / 'results' / 'table1.md'}; report: {output / 'report' / 'index.html'}")
+    return status
+
+
+def score(args: argparse.Namespace, photos: Path, clean: EditSet, sets: list[EditSet], prompts: list[str],
+          shown: list[int], folder: Path, preamble: str) -> str:
+    """Score every edit set and write the table and CSVs into `folder`, unless nothing changed since the last
+    time; returns the digest of what was scored."""
+    parameters = {"metrics": args.metric_keys, "fr_model": args.fr_model, "heldout_fr_model": args.heldout_fr_model,
                   "clip_model": args.clip_model, "prompts": prompts, "prompt_indices": shown,
                   "sets": [str(s.root) for s in sets]}
     digest = fingerprint(parameters, [photos, clean.root, *(s.root for s in sets)])
-    results_dir = output / "results"
-    if up_to_date(results_dir / "table1.json", digest, results_dir / "table1.md"):
-        print(f"\n== scores up to date in {results_dir}")
-    else:
-        print("\n== scoring")
-        device = pick_device(args.device)
-        metrics = build_metrics(metric_keys, argparse.Namespace(clip_model=args.clip_model, fr_model=args.fr_model,
-                                                                fr_landmarks="detect"), device)
-        if args.heldout_fr_model != "none":
-            metrics.append(HeldOutFaceSimilarity(load_face_identity(args.heldout_fr_model, device)))
-        results = evaluate(metrics, sets, prompts, src_dir=photos, clean=clean, prompt_indices=shown)
-        print(write(results, results_dir, "table1", preamble=setting(args, resolved, edited, shown, photos)))
-        for label, missing in results.missing.items():
-            if missing:
-                print(f"{label}: {len(missing)} edits missing or unpaired, e.g. {missing[0]}")
-        write_json({"fingerprint": digest, "parameters": parameters}, results_dir / "table1.json")
+    if up_to_date(folder / "table1.json", digest, folder / "table1.md"):
+        print(f"\n== scores up to date in {folder}")
+        return digest
+    print("\n== scoring")
+    device = pick_device(args.device)
+    metrics = build_metrics(args.metric_keys, argparse.Namespace(clip_model=args.clip_model, fr_model=args.fr_model,
+                                                            fr_landmarks="detect"), device)
+    if args.heldout_fr_model != "none":
+        metrics.append(HeldOutFaceSimilarity(load_face_identity(args.heldout_fr_model, device)))
+    results = evaluate(metrics, sets, prompts, src_dir=photos, clean=clean, prompt_indices=shown)
+    print(write(results, folder, "table1", preamble=preamble))
+    for label, missing in results.missing.items():
+        if missing:
+            print(f"{label}: {len(missing)} edits missing or unpaired, e.g. {missing[0]}")
+    write_json({"fingerprint": digest, "parameters": parameters}, folder / "table1.json")
+    return digest
 
-    report_dir = output / "report"
+
+def make_report(args: argparse.Namespace, photos: Path, names: list[str], output: Path, shown: list[int],
+                digest: str) -> None:
+    """The HTML report with the tables and the grids, unless the scores and its options are those of the last."""
+    folder = output / "report"
     grids = args.report_prompts or ",".join(map(str, shown[:3]))
     report_digest = hashlib.sha256(f"{digest} {grids} {args.report_images}".encode()).hexdigest()
-    if up_to_date(report_dir / "report.json", report_digest, report_dir / "index.html"):
-        print(f"== report up to date: {report_dir / 'index.html'}")
-    else:
-        print("\n== report")
-        report.main(["--src_dir", str(photos), "--clean_edit_dir", str(edit_dirs["clean"][1]),
-                     "--defend_edit_dirs", *(str(output / "edits" / m) for m in names),
-                     "--protected_dirs", *(str(output / "protected" / m) for m in names), "--seed", str(args.seed),
-                     "--prompt_indices", grids, "--images", str(args.report_images), "--results", str(results_dir),
-                     "--output", str(report_dir), *options(prompts=args.prompts)])
-        write_json({"fingerprint": report_digest}, report_dir / "report.json")
-    print(f"\ntable: {results_dir / 'table1.md'}; report: {report_dir / 'index.html'}")
-    return status
+    if up_to_date(folder / "report.json", report_digest, folder / "index.html"):
+        print(f"== report up to date: {folder / 'index.html'}")
+        return
+    print("\n== report")
+    report.main(["--src_dir", str(photos), "--clean_edit_dir", str(output / "edits" / "clean"),
+                 "--defend_edit_dirs", *(str(output / "edits" / m) for m in names),
+                 "--protected_dirs", *(str(output / "protected" / m) for m in names), "--seed", str(args.seed),
+                 "--prompt_indices", grids, "--images", str(args.report_images), "--results",
+                 str(output / "results"), "--output", str(folder), *options(prompts=args.prompts)])
+    write_json({"fingerprint": report_digest}, folder / "report.json")
 
 
 def setting(args: argparse.Namespace, resolved: dict, edited: argparse.Namespace, prompts: Sequence[int],

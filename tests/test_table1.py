@@ -85,14 +85,18 @@ def test_every_stage_writes_its_outputs_and_a_rerun_does_no_work(setup, monkeypa
     assert "scores up to date" in printed and "report up to date" in printed
 
 
-def test_a_held_out_model_the_protection_attacked_is_refused(setup):
+def test_bad_options_are_refused_before_any_work(setup):
     photos, out, common = setup
     face = common[common.index("--fr_model") + 1]
-    with pytest.raises(UserError, match="is the model facelock attacks"):
-        table1.main(["--image_dir", str(photos), "--output_dir", str(out), "--methods", "facelock",
-                     *common, "--attack_fr_model", face, "--heldout_fr_model", face])
-    with pytest.raises(UserError, match="--methods takes"):
-        table1.main(["--image_dir", str(photos), "--output_dir", str(out), "--methods", "encoder,nope", *common])
+    base = ["--image_dir", str(photos), "--output_dir", str(out), *common]
+    for extra, message in ((["--methods", "facelock", "--attack_fr_model", face, "--heldout_fr_model", face],
+                            "is the model facelock attacks"),
+                           (["--methods", "encoder,nope"], "--methods takes"),
+                           (["--methods", "encoder", "--prompt_indices", "0,25"], r"must lie in 0\.\.24"),
+                           (["--methods", "encoder", "--metrics", "psnr,fid"], "--metrics takes")):
+        with pytest.raises(UserError, match=message):
+            table1.main([*base, *extra])
+    assert not out.exists()
 
 
 def test_processes_split_the_work_as_main_defend_and_main_edit_do(setup):
