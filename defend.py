@@ -51,9 +51,10 @@ DEFAULTS = dict(
     target_model="instruct-pix2pix", model_id=None, vae=None,
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
     fr_model="facenet", fr_combine="mean", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
-    eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0, norm="linf", fidelity_weight=None,
-    diffusion_steps=None, grad_reps=None, guidance_scale=None, image_guidance_scale=None, strength=None,
-    attack_prompt=None, gradient_checkpointing=None, device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
+    eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0,
+    norm="linf", fidelity_weight=None, diffusion_steps=None, grad_reps=None, guidance_scale=None,
+    image_guidance_scale=None, strength=None, attack_prompt=None, gradient_checkpointing=None,
+    device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
     max_size=1024, overwrite=False,
 )
 #: Named groups of defaults; flags given explicitly still win.
@@ -162,7 +163,8 @@ def create_argparser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse with the preset's defaults under the explicit flags, and check the values."""
+    """Parse with, under the explicit flags, the method's own defaults, the preset's and the norm's (each above the
+    one before), and check the values."""
     parser.set_defaults(**DEFAULTS)
     known, _ = parser.parse_known_args(argv)
     own = inspect.signature(methods.get_method(known.defend_method).__init__).parameters
@@ -275,8 +277,9 @@ def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
     if "autoencoder" in attack.models:
         parts.append(f"autoencoder {args.vae or args.model_id + ' (vae)'}")
     if "editor" in attack.models:
-        parts.append(f"editor {args.target_model} {args.model_id}" + (f" with autoencoder {args.vae}" if args.vae else "")
-                     + f", {attack.steps} steps unrolled, {attack.grad_reps} generations per step")
+        swapped = f" with autoencoder {args.vae}" if args.vae else ""
+        parts.append(f"editor {args.target_model} {args.model_id}{swapped}, {attack.steps} steps unrolled, "
+                     f"{attack.grad_reps} generations per step")
     if "face" in attack.models:
         parts.append(f"face model {args.fr_model}" + (f" ({args.fr_combine})" if "," in args.fr_model else ""))
     if "perceptual" in attack.models:

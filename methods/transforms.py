@@ -1,5 +1,6 @@
 """What may happen to a protected photo before it is edited: JPEG, resizing, blur, noise, colour jitter,
-quantization, rotation and cropping. Each transform maps `N x 3 x H x W` images in `[-1, 1]` to the same shape and range.
+quantization, rotation and cropping. Each transform maps `N x 3 x H x W` images in `[-1, 1]` to the same shape and
+range.
 
 Every transform except `PillowJPEG` is differentiable (rounding passes gradients straight through), so the PGD
 methods can optimise through a random one each step (expectation over transformation, `eot_transform`);
