@@ -10,6 +10,7 @@ Writes a lossless PNG of the input's size that differs from it by at most the bu
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -50,6 +51,8 @@ DEFAULTS = dict(
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
     fr_model="facenet", fr_combine="mean", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
     eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0, schedule="linear",
+    norm="linf", fidelity_weight=None, diffusion_steps=None, grad_reps=None, guidance_scale=None,
+    image_guidance_scale=None, strength=None, attack_prompt=None, gradient_checkpointing=None,
     device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False,
     cudnn_benchmark=False, deterministic=False, seed=0,
     max_size=1024, region="full", bucket=8, overwrite=False,
@@ -64,6 +67,10 @@ PRESET_HELP = ("official: the FaceLock code's defaults (full editor VAE, budget 
                "paper: the paper's budget 0.02 and step 0.003; "
                "small: small real models that run in minutes on a laptop CPU (TAESD autoencoder, SFace face "
                "model, no LPIPS term)")
+#: With --norm l2 the budget is the L2 length of the whole perturbation: PhotoGuard's L2 attack (eps 16, step 1).
+NORM_DEFAULTS = {"linf": {}, "l2": {"attack_budget": 16.0, "step_size": 1.0}}
+#: Defaults a method declares for itself (the diffusion attack's 200 iterations), below presets and flags.
+OWN_DEFAULTS = ("num_iters",)
 MAX_BUDGET = 0.25
 NO_FACE_HINT = "pass --allow_no_face to protect it with the latent and perceptual terms only"
 
@@ -96,6 +103,25 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PGD methods: probability per step of a random shrink-and-pad of the input (DI; 0: off)")
     method.add_argument("--ti_kernel", type=int,
                         help="PGD methods: smooth the gradient with a Gaussian of this odd size in pixels (TI; 0: off)")
+    method.add_argument("--norm", choices=list(NORM_DEFAULTS),
+                        help="PGD methods: linf (default) or l2, where --attack_budget is the L2 length of the whole "
+                             "perturbation in [-1, 1] units and steps follow the normalised gradient (defaults then: "
+                             "budget 16, step 1, PhotoGuard's L2 attack)")
+
+    editor = parser.add_argument_group("editshield and diffusion")
+    editor.add_argument("--fidelity_weight", type=float, help="editshield: weight of its MSE(x', x) term (0.1)")
+    editor.add_argument("--diffusion_steps", type=int,
+                        help="diffusion: denoising steps of the editor run unrolled (4; img2img runs "
+                             "int(steps * strength) of them, as the pipeline)")
+    editor.add_argument("--grad_reps", type=int, help="diffusion: stochastic generations averaged per step (10)")
+    editor.add_argument("--guidance_scale", type=float, help="diffusion: the editor's text guidance (7.5)")
+    editor.add_argument("--image_guidance_scale", type=float,
+                        help="diffusion: the editor's image guidance (1.5, instruct-pix2pix)")
+    editor.add_argument("--strength", type=float, help="diffusion: img2img strength (0.5, stable-diffusion)")
+    editor.add_argument("--attack_prompt", help="diffusion: the instruction of the unrolled edit (default: empty)")
+    editor.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_const",
+                        const=False, help="diffusion: keep every activation instead of recomputing them in the "
+                                          "backward pass (faster, several times the memory)")
 
     models = parser.add_argument_group("models")
     models.add_argument("--target_model", choices=list(EDITOR_IDS),
@@ -151,13 +177,18 @@ def create_argparser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse with the preset's defaults under the explicit flags, and check the values."""
+    """Parse with, under the explicit flags, the method's own defaults, the preset's and the norm's (each above the
+    one before), and check the values."""
     parser.set_defaults(**DEFAULTS)
-    preset, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**{**DEFAULTS, **PRESETS[preset.preset]})
+    known, _ = parser.parse_known_args(argv)
+    own = inspect.signature(methods.get_method(known.defend_method).__init__).parameters
+    parser.set_defaults(**{**DEFAULTS, **{k: own[k].default for k in OWN_DEFAULTS if k in own},
+                           **PRESETS[known.preset], **NORM_DEFAULTS[known.norm]})
     args = parser.parse_args(argv)
-    if not 0 < args.attack_budget <= MAX_BUDGET:
+    if args.norm == "linf" and not 0 < args.attack_budget <= MAX_BUDGET:
         parser.error(f"--attack_budget must be in (0, {MAX_BUDGET}] ([-1, 1] units), got {args.attack_budget}")
+    if args.attack_budget <= 0:
+        parser.error(f"--attack_budget must be > 0, got {args.attack_budget}")
     if args.step_size <= 0 or args.num_iters < 1 or args.max_size < 0 or args.eot_samples < 1:
         parser.error("--step_size must be > 0, --num_iters and --eot_samples >= 1 and --max_size >= 0")
     if args.bucket < 8 or args.bucket % 8:
@@ -172,7 +203,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
-def budget_in_255(budget: float) -> str:
+def budget_in_255(budget: float, norm: str = "linf") -> str:
+    if norm == "l2":
+        return f"{budget} (L2 length of the whole perturbation, [-1, 1] units)"
     return f"{budget} ({budget * 127.5:.1f}/255)"
 
 
@@ -189,7 +222,8 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
     """Load the models the chosen method needs and build it from the options."""
     cls = methods.get_method(args.defend_method)
     levers = [flag for flag, on in (("--eot", args.eot), ("--momentum", args.momentum),
-                                    ("--input_diversity", args.input_diversity), ("--ti_kernel", args.ti_kernel)) if on]
+                                    ("--input_diversity", args.input_diversity), ("--ti_kernel", args.ti_kernel),
+                                    ("--norm l2", args.norm == "l2")) if on]
     if levers and not issubclass(cls, methods.PGDAttack):
         pgd = ", ".join(name for name, c in methods.METHODS.items() if issubclass(c, methods.PGDAttack))
         raise UserError(f"{' and '.join(levers)} work(s) with the PGD methods ({pgd}), not {args.defend_method}")
@@ -199,6 +233,8 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
         components["autoencoder"] = load_autoencoder(args.vae, args.model_id, device, dtype)
     if "face" in cls.models:
         components["face"] = load_face_identity(args.fr_model, device, keep=args.faces, combine=args.fr_combine)
+    if "editor" in cls.models:
+        components["editor"] = load_attacked_editor(args, device)
     if "perceptual" in cls.models:
         components["perceptual"] = load_perceptual(args.lpips, device)
         if components["perceptual"] is None:
@@ -207,8 +243,9 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
     for model in components.values():
         if model is not None:
             model.to(memory_format=memory_format)
-    if args.vae_tiling and "autoencoder" in components:
-        components["autoencoder"].enable_tiling()
+    if args.vae_tiling and ("autoencoder" in components or "editor" in components):
+        autoencoder = components["autoencoder"] if "autoencoder" in components else components["editor"].autoencoder.vae
+        autoencoder.enable_tiling()
     if args.compile:
         compile_models(components)
     return methods.create(
@@ -217,8 +254,22 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
         allow_no_face=args.allow_no_face, target_fr=args.target_fr, progress=progress,
         eot=eot_transform(args.eot.split(",")) if args.eot else None, eot_samples=args.eot_samples,
         momentum=args.momentum, input_diversity=args.input_diversity, ti_kernel=args.ti_kernel,
-        schedule=args.schedule,
+        schedule=args.schedule, norm=args.norm,
+        fidelity_weight=args.fidelity_weight, steps=args.diffusion_steps, grad_reps=args.grad_reps,
+        guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale, strength=args.strength,
+        prompt=args.attack_prompt, gradient_checkpointing=args.gradient_checkpointing,
     )
+
+
+def load_attacked_editor(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The editing pipeline of --target_model/--model_id (its autoencoder replaced by --vae, if given), loaded as
+    edit.py loads it, for the methods that run the editor itself."""
+    from edit import load_editor
+    from methods.diffusion import DiffusionEditor
+
+    options = argparse.Namespace(model=args.target_model, model_id=args.model_id, vae=args.vae, dtype=args.dtype,
+                                 attention_slicing=False, cpu_offload=False)
+    return DiffusionEditor(load_editor(options, device, progress=False))
 
 
 #: Compiled graphs kept per network: one per size bucket (and batch size) of a folder, compiled once and reused.
@@ -226,14 +277,17 @@ COMPILED_SHAPES = 64
 
 
 def compile_models(components: dict) -> None:
-    """torch.compile the networks that do the work: the autoencoder's encoder and decoder, the face network and
-    LPIPS' backbone. Shapes are static; each new size bucket is compiled once and kept (up to `COMPILED_SHAPES`)."""
+    """torch.compile the networks that do the work: the autoencoder's encoder and decoder, the editor's UNet, the
+    face network and LPIPS' backbone. Shapes are static; each new size bucket is compiled once and kept (up to
+    `COMPILED_SHAPES`)."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILED_SHAPES)
     networks = []
     if "autoencoder" in components:
         networks += [components["autoencoder"].encoder, components["autoencoder"].decoder]
+    if "editor" in components:
+        networks.append(components["editor"].unet)
     if components.get("face") is not None:
         networks += components["face"].networks()
     if components.get("perceptual") is not None:
@@ -243,7 +297,7 @@ def compile_models(components: dict) -> None:
 
 
 def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
-    parts = [f"{args.defend_method}: budget {budget_in_255(args.attack_budget)}"]
+    parts = [f"{args.defend_method}: budget {budget_in_255(args.attack_budget, args.norm)}"]
     if hasattr(attack, "step_size"):
         parts.append(f"step {args.step_size}")
     if hasattr(attack, "num_iters"):
@@ -256,6 +310,10 @@ def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
         parts.append(", ".join(levers))
     if "autoencoder" in attack.models:
         parts.append(f"autoencoder {args.vae or args.model_id + ' (vae)'}")
+    if "editor" in attack.models:
+        swapped = f" with autoencoder {args.vae}" if args.vae else ""
+        parts.append(f"editor {args.target_model} {args.model_id}{swapped}, {attack.steps} steps unrolled, "
+                     f"{attack.grad_reps} generations per step")
     if "face" in attack.models:
         parts.append(f"face model {args.fr_model}" + (f" ({args.fr_combine})" if "," in args.fr_model else ""))
     if "perceptual" in attack.models:
@@ -288,11 +346,13 @@ def protect_images(attack: methods.Attack, images: Sequence[Image.Image], seeds:
     delta = attack(x, [cpu_generator(s) for s in seeds]) - x
     results = []
     for image, placement, change, seed in zip(images, where, delta, seeds):
-        out, stats = paste(image, placement, change, attack.eps)
-        if stats["linf_255"] > attack.eps * 127.5:
+        out, stats = paste(image, placement, change, attack.eps, attack.norm)
+        if attack.norm == "linf" and stats["linf_255"] > attack.eps * 127.5:
             raise AssertionError(f"budget broken after rounding: {stats['linf_255']}/255 > {attack.eps * 127.5:.2f}/255")
-        results.append((out, {"seed": seed, "linf_255": stats["linf_255"], "psnr": round(stats["psnr"], 3),
-                              "region": list(placement.box)}))
+        if attack.norm == "l2" and stats["l2"] > attack.eps + 1e-6:
+            raise AssertionError(f"budget broken after rounding: L2 {stats['l2']} > {attack.eps}")
+        results.append((out, {"seed": seed, "linf_255": stats["linf_255"], "l2": round(stats["l2"], 4),
+                              "psnr": round(stats["psnr"], 3), "region": list(placement.box)}))
     seconds = (time.perf_counter() - start) / len(images)
     return [(out, {**stats, "seconds": round(seconds, 3)}) for out, stats in results]
 
@@ -334,8 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoFaceError:
         raise UserError(f"{source}: no face found ({NO_FACE_HINT})") from None
     save_png(protected, output)
-    print(f"wrote {output}: L-inf {stats['linf_255']}/255 (budget {budget_in_255(args.attack_budget)}), "
-          f"PSNR {stats['psnr']:.2f} dB, {stats['seconds']:.1f} s")
+    print(f"wrote {output}: L-inf {stats['linf_255']}/255, L2 {stats['l2']} (budget "
+          f"{budget_in_255(args.attack_budget, args.norm)}), PSNR {stats['psnr']:.2f} dB, {stats['seconds']:.1f} s")
     return 0
 
 

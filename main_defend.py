@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters", "targeted", "c", "lr", "seed",
             "target_model", "model_id", "vae", "fr_model", "fr_combine", "faces", "allow_no_face", "lpips", "target_fr",
             "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "schedule", "max_size", "region",
-            "bucket")
+            "bucket", "norm", "fidelity_weight", "diffusion_steps", "grad_reps", "guidance_scale",
+            "image_guidance_scale", "strength", "attack_prompt")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,8 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     protected = sum(output.exists() for _, output in pending)
     if manifest["outputs"]:
-        worst = max(entry["linf_255"] for entry in manifest["outputs"].values())
-        print(f"largest L-inf {worst}/255 (budget {budget_in_255(args.attack_budget)})")
+        entries = manifest["outputs"].values()
+        worst = (f"L2 {max(e.get('l2', 0) for e in entries)}" if args.norm == "l2"
+                 else f"L-inf {max(e['linf_255'] for e in entries)}/255")
+        print(f"largest {worst} (budget {budget_in_255(args.attack_budget, args.norm)})")
     return run.report(f"protected {protected}, already done {finished}", folder)
 
 

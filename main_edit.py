@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, loader: Callable = load_editor) -> int:
+    """`loader(args, device, progress)` gives the pipeline (evaluation.table1 passes one that loads it once for
+    every folder it edits)."""
     args = parse_args(build_parser(), argv)
     src_dir, folder = Path(args.src_dir), Path(args.edit_dir) / f"seed{args.seed}"
     if not src_dir.is_dir():
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(names)} images x {len(indices)} prompts in {folder}: {total - len(work)} edits already done, "
               f"{len(work)} to do{processes}")
     mine = run.mine(work)
-    pipe = load_editor(args, run.device, progress=False) if mine else None
+    pipe = loader(args, run.device, progress=False) if mine else None
     guard, target = load_guard(args, run.device, progress=False) if mine and args.protect_identity else (None, None)
 
     bar = progress_bar(total=len(mine), desc="edits", unit="edit", disable=not run.is_main)

@@ -4,7 +4,8 @@
 
 For a folder of face photos (default: FACELOCK_ASSETS/faces; faces-holdout/ is refused) and every method (no
 defense, uniform noise at the same budget, encoder targeted and untargeted, vae, cw, facelock, facelock with
-expectation over transformation), each photo is cut to a square around its face, protected with main_defend.py
+expectation over transformation, editshield, and PhotoGuard's diffusion attack where --editor gives it a UNet to
+run), each photo is cut to a square around its face, protected with main_defend.py
 against a surrogate (default: TAESD autoencoder, SFace face model, no LPIPS), cleaned up (JPEG, resizing, blur,
 noise, colour jitter, quantization and combinations; unprotected photos get the same cleanup as the control) and
 "edited" by the autoencoder round trip (and by a real editor with --editor). Reported: FR similarity between the
@@ -81,6 +82,8 @@ METHODS = {
     "cw": ["--defend_method", "cw"],
     "facelock": ["--defend_method", "facelock"],
     "facelock-eot": ["--defend_method", "facelock"],  # plus --eot, below
+    "editshield": ["--defend_method", "editshield"],
+    "diffusion": ["--defend_method", "diffusion"],  # plus --model_id, below: it runs the --editor pipeline
 }
 #: The cleanups a protected photo meets before the edit; the result is rounded to 8 bits, as a saved file.
 CLEANUPS: dict[str, Transform] = {
@@ -155,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS)) + sorted(set(cleanups) - set(CLEANUPS))
     if unknown:
         raise UserError(f"unknown method or cleanup: {', '.join(unknown)}")
+    notes = []
+    if "diffusion" in methods and not args.editor:
+        methods.remove("diffusion")
+        notes.append("diffusion: skipped. PhotoGuard's diffusion attack runs the editor's UNet, and no editor was "
+                     "given (--editor: an InstructPix2Pix hub id or folder).")
+        print(notes[-1])
     output = Path(args.output)
     device = pick_device(args.device)
 
@@ -176,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             protected_dirs[method] = photos_dir
             continue
         extra = ["--eot", args.eot, "--eot_samples", str(args.eot_samples)] if method.endswith("-eot") else []
+        extra += ["--model_id", args.editor] if method == "diffusion" else []
         out = output / "protected" / method
         main_defend.main(["--image_dir", str(photos_dir), "--output_dir", str(out), *METHODS[method], *extra,
                           "--attack_budget", str(args.attack_budget), "--num_iters", str(args.num_iters),
@@ -185,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 3. clean up, edit, judge
     rows = evaluate(args, device, names, photos_dir, protected_dirs, cleanups, output)
-    text = report(rows, methods, cleanups, args)
+    text = report(rows, methods, cleanups, args) + "".join(f"\n{note}\n" for note in notes)
     atomic_write(output / "protection.md", lambda tmp: tmp.write_text(text))
     print(text)
     print(f"tables, CSV and grid in {output}")

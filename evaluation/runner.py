@@ -33,7 +33,7 @@ from utils import (
 
 from .metrics.base import CleanMetric, Metric, SourceMetric
 from .metrics.clip_score import ClipEmbedder, ClipI, ClipS
-from .metrics.facial import FaceSimilarity
+from .metrics.facial import FaceSimilarity, HeldOutFaceSimilarity
 from .metrics.perceptual import LPIPS
 from .metrics.protection import ProtectionSuccess
 from .metrics.psnr import PSNR
@@ -42,8 +42,10 @@ from .walker import EditSet, edit_sets, images_by_name, pair_by_name
 
 logger = logging.getLogger(__name__)
 
-#: Every metric by key: the paper's six in its order, then the protection success rate.
-METRIC_CLASSES = {cls.key: cls for cls in (PSNR, SSIM, LPIPS, ClipS, ClipI, FaceSimilarity, ProtectionSuccess)}
+#: Every metric by key: the paper's six in its order, the protection success rate, and FR by a held-out face model
+#: (evaluation.table1).
+METRIC_CLASSES = {cls.key: cls for cls in (PSNR, SSIM, LPIPS, ClipS, ClipI, FaceSimilarity, ProtectionSuccess,
+                                           HeldOutFaceSimilarity)}
 #: The paper's metrics, computed by default; the others on request (--metrics).
 METRIC_KEYS = ("psnr", "ssim", "lpips", "clip_s", "clip_i", "fr")
 EXTRA_KEYS = ("psr",)
@@ -78,8 +80,10 @@ def nanmean(values: Sequence[float]) -> float:
 
 
 def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequence[str], src_dir: Path | None = None,
-             clean: EditSet | None = None, batch_size: int = 8, progress: bool = True) -> Results:
-    """Score every edit of `sets` (and of `clean`, for the metrics that compare with the source)."""
+             clean: EditSet | None = None, batch_size: int = 8, progress: bool = True,
+             prompt_indices: Sequence[int] | None = None) -> Results:
+    """Score every edit of `sets` (and of `clean`, for the metrics that compare with the source), of every prompt
+    folder or of `prompt_indices` only."""
     results = Results(list(metrics))
     clean_metrics = [m for m in metrics if isinstance(m, CleanMetric)]
     source_metrics = [m for m in metrics if isinstance(m, SourceMetric)]
@@ -92,7 +96,8 @@ def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequen
     todo = ([(clean, [], source_metrics)] if clean is not None and source_metrics else [])
     todo += [(edit_set, clean_metrics, source_metrics) for edit_set in sets]
     for edit_set, with_clean, with_source in todo:
-        prompt_dirs = edit_set.prompt_dirs()
+        prompt_dirs = {i: folder for i, folder in edit_set.prompt_dirs().items()
+                       if prompt_indices is None or i in prompt_indices}
         if not prompt_dirs:
             raise UserError(f"{edit_set.root} has no prompt{{i}}/ folders")
         for i, folder in prompt_dirs.items():
@@ -202,8 +207,9 @@ def markdown(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(results: Results, output: Path, name: str) -> str:
-    """Write `<metric>.csv` (summary per method), `<metric>_per_image.csv` and `<name>.md`; return the markdown."""
+def write(results: Results, output: Path, name: str, preamble: str = "") -> str:
+    """Write `<metric>.csv` (summary per method), `<metric>_per_image.csv` and `<name>.md` (after `preamble`);
+    return the markdown."""
     for metric in results.metrics:
         rows = [results.summary(metric, label) for label in results.labels(metric)]
         write_csv(rows, output / f"{metric.key}.csv", None if rows else ["method"])
@@ -212,7 +218,7 @@ def write(results: Results, output: Path, name: str) -> str:
                      for prompt, by_name in sorted(by_prompt.items()) for image, value in sorted(by_name.items())]
         write_csv(per_image, output / f"{metric.key}_per_image.csv", ["method", "prompt", "image", metric.key])
     write_json({label: names for label, names in results.missing.items()}, output / f"{name}_missing.json")
-    text = markdown(results)
+    text = preamble + markdown(results)
     atomic_write(output / f"{name}.md", lambda tmp: tmp.write_text(text))
     return text
 

@@ -44,9 +44,21 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[float, float]) -> torch.Tensor:
-    """Clip `x_adv` into the L-infinity ball of radius `eps` around `x`, then into `bounds`."""
-    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(*bounds)
+NORMS = ("linf", "l2")
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[float, float],
+            norm: str = "linf") -> torch.Tensor:
+    """Bring `x_adv` into the ball of radius `eps` around `x`, then into `bounds`. L-infinity clips every pixel;
+    L2 rescales each image's whole perturbation to length `eps` where it is longer (PhotoGuard's `torch.renorm`).
+    Clipping to the bounds afterwards only shortens a perturbation, so the result stays in the ball."""
+    if norm == "l2":
+        delta = x_adv - x
+        length = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1))
+        x_adv = x + delta * (eps / length).clamp(max=1.0)  # a zero perturbation gives inf, clamped to 1
+    else:
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
+    return x_adv.clamp(*bounds)
 
 
 def per_sample_generators(generator: Generators, n: int) -> list[torch.Generator | None]:
@@ -63,27 +75,48 @@ def uniform_noise(like: torch.Tensor, low: float, high: float, generator: Genera
     A list of generators gives each sample its own stream, so a batch sees the same noise as single runs
     (the habit of diffusers' `randn_tensor`).
     """
+    return _per_sample(torch.rand, like, generator) * (high - low) + low
+
+
+def normal_noise(like: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Standard Gaussian noise shaped like `like`, one stream per sample as `uniform_noise`."""
+    return _per_sample(torch.randn, like, generator)
+
+
+def _per_sample(draw: Callable, like: torch.Tensor, generator: Generators) -> torch.Tensor:
     generators = per_sample_generators(generator, len(like))
     if len(set(map(id, generators))) < len(generators):
-        draws = [_rand(like.shape, generators[0], like.dtype)]
+        draws = [_draw(draw, like.shape, generators[0], like.dtype)]
     else:
-        draws = [_rand((1, *like.shape[1:]), g, like.dtype) for g in generators]
-    return (torch.cat(draws).to(like.device) * (high - low) + low)
+        draws = [_draw(draw, (1, *like.shape[1:]), g, like.dtype) for g in generators]
+    return torch.cat(draws).to(like.device)
 
 
-def _rand(shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+def _draw(draw: Callable, shape: Sequence[int], generator: torch.Generator | None,
+          dtype: torch.dtype) -> torch.Tensor:
     device = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return draw(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _rng_states(generators: list[torch.Generator | None]) -> list[torch.Tensor]:
+    """The state of each generator (of the global CPU generator for None), for `_set_rng_states`."""
+    return [g.get_state() if g is not None else torch.get_rng_state() for g in generators]
+
+
+def _set_rng_states(generators: list[torch.Generator | None], states: list[torch.Tensor]) -> None:
+    for g, state in zip(generators, states):
+        g.set_state(state) if g is not None else torch.set_rng_state(state)
 
 
 class Attack:
     """Base class of every protection method.
 
     Images are `N x 3 x H x W` tensors in `[-1, 1]`. Calling the attack returns protected images within `eps`
-    (L-infinity, in the same `[-1, 1]` units) of the input and inside the bounds, detached, on the input's device
-    and in its dtype; the input is never modified. Models listed by `modules()` are frozen (eval mode, no
-    parameter gradients) for the duration of the call and restored afterwards. Internally the perturbation is
-    optimised in float32 whatever the input dtype; each model wrapper casts to its own dtype.
+    (L-infinity, in the same `[-1, 1]` units; or, with `norm="l2"`, the L2 length of each image's whole
+    perturbation) of the input and inside the bounds, detached, on the input's device and in its dtype; the input
+    is never modified. Models listed by `modules()` are frozen (eval mode, no parameter gradients) for the
+    duration of the call and restored afterwards. Internally the perturbation is optimised in float32 whatever the
+    input dtype; each model wrapper casts to its own dtype.
 
     Subclasses implement `perturb(x, generator)`, usually as a loop over `objective` (the value one iteration
     computes and the attack increases) with what `prepare` computed once on the clean images.
@@ -94,10 +127,14 @@ class Attack:
     models: tuple[str, ...] = ()
     bounds: tuple[float, float] = (-1.0, 1.0)
 
-    def __init__(self, eps: float = 0.03, progress: bool = False) -> None:
-        if not 0 < eps <= self.bounds[1] - self.bounds[0]:
-            raise ValueError(f"the budget eps must be in (0, {self.bounds[1] - self.bounds[0]}], got {eps}")
+    def __init__(self, eps: float = 0.03, progress: bool = False, norm: str = "linf") -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        limit = self.bounds[1] - self.bounds[0] if norm == "linf" else math.inf
+        if not 0 < eps <= limit:
+            raise ValueError(f"the budget eps must be in (0, {limit}], got {eps}")
         self.eps = eps
+        self.norm = norm
         self.progress = progress
 
     def modules(self) -> list[nn.Module]:
@@ -113,7 +150,11 @@ class Attack:
         clean = x.detach().float()
         with frozen(*self.modules()):
             x_adv = self.perturb(clean, generator)
-        return project(x_adv.detach().float(), clean, self.eps, self.bounds).to(x.dtype)
+        return self.project(x_adv.detach().float(), clean).to(x.dtype)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`x_adv` brought into this attack's budget around `x` and into the bounds."""
+        return project(x_adv, x, self.eps, self.bounds, self.norm)
 
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         raise NotImplementedError
@@ -153,13 +194,23 @@ class PGDAttack(Attack):
       at a random offset (`methods.transforms.ResizePad`), after the EOT transform.
     - `ti_kernel` (TI, Dong et al., CVPR 2019, https://arxiv.org/abs/1904.02884): the gradient is smoothed by a
       Gaussian kernel of this many pixels (odd; standard deviation `(ti_kernel - 1) / 6`) before the step.
+
+    `norm="l2"` (PhotoGuard's L2 attack) measures the budget as the L2 length of each image's perturbation: steps
+    follow the L2-normalised gradient instead of its sign, projection rescales the perturbation, and the random
+    start is uniform in the largest cube inside the ball.
+
+    A method whose objective compares with the clean image (an untargeted distance) sets `paired_transforms`:
+    each EOT or input-diversity sample is then compared with `prepare` of the clean images under the same random
+    transform, so that the transform itself (a rotation, a crop) does not count as distance.
     """
+
+    paired_transforms = False
 
     def __init__(self, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
                  eot: Callable[[torch.Tensor, Generators], torch.Tensor] | None = None, eot_samples: int = 1,
                  momentum: float = 0.0, input_diversity: float = 0.0, diversity_scale: float = 0.9,
-                 ti_kernel: int = 0, schedule: str = "linear", progress: bool = False):
-        super().__init__(eps=eps, progress=progress)
+                 ti_kernel: int = 0, schedule: str = "linear", norm: str = "linf", progress: bool = False):
+        super().__init__(eps=eps, progress=progress, norm=norm)
         if step_size <= 0 or num_iters < 1 or eot_samples < 1:
             raise ValueError(f"need step_size > 0, num_iters >= 1 and eot_samples >= 1, got {step_size}, "
                              f"{num_iters} and {eot_samples}")
@@ -196,41 +247,64 @@ class PGDAttack(Attack):
         current value and take no further step; the loop ends when all have. None: no early stopping."""
         return None
 
-    def value_and_grad(self, x_adv: torch.Tensor, reference: Any, i: int,
-                       generators: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """The objective and its gradient at `x_adv`, averaged over the EOT samples (one graph at a time)."""
+    def value_and_grad(self, x_adv: torch.Tensor, reference: Any, i: int, generators: list,
+                       clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective and its gradient at `x_adv`, averaged over the EOT samples (one graph at a time).
+        `clean` (the clean images) is needed by `paired_transforms` only."""
         samples = self.eot_samples if self.eot is not None else 1
         value, grad = 0, 0
         for _ in range(samples):
             x = x_adv.detach().requires_grad_(True)
-            y = self.eot(x, generators) if self.eot is not None else x
-            if self.diversity is not None:
-                y = self.diversity(y, generators)
-            sample = self.objective(y, reference, i)
+            y, paired = self.transformed(x, reference, generators, clean)
+            sample = self.objective(y, paired, i)
             value = value + sample.detach()
             grad = grad + torch.autograd.grad(sample.sum(), [x])[0]
         return value / samples, grad
 
+    def transformed(self, x: torch.Tensor, reference: Any, generators: list,
+                    clean: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """`x` under one draw of the random input transforms (EOT, then input diversity) and the reference to
+        compare it with: `reference` itself, or with `paired_transforms`, `prepare` of `clean` under the same draw
+        (the generators end where a single draw leaves them)."""
+        states = _rng_states(generators) if self.paired_transforms and clean is not None else None
+        y = self._transform(x, generators)
+        if states is None or y is x:
+            return y, reference
+        after = _rng_states(generators)
+        _set_rng_states(generators, states)
+        with torch.no_grad():
+            reference = self.prepare(self._transform(clean, generators))
+        _set_rng_states(generators, after)
+        return y, reference
+
+    def _transform(self, x: torch.Tensor, generators: list) -> torch.Tensor:
+        if self.eot is not None:
+            x = self.eot(x, generators)
+        return self.diversity(x, generators) if self.diversity is not None else x
+
     def direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
-        """The step direction from this iteration's gradient: smoothed (TI), accumulated (momentum), then its sign.
-        `state` carries the momentum from one iteration to the next."""
+        """The step direction from this iteration's gradient: smoothed (TI), accumulated (momentum), then its sign
+        (L2: divided by its length). `state` carries the momentum from one iteration to the next."""
         if self.ti_kernel > 1:
             grad = gaussian_smooth(grad, self.ti_kernel)
         if self.momentum > 0:
             scale = grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
             grad = state["momentum"] = self.momentum * state.get("momentum", 0) + grad / scale
+        if self.norm == "l2":
+            return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return grad.sign()
 
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():
             reference = self.prepare(x)
-        x_adv = project(x + uniform_noise(x, -self.eps, self.eps, generator), x, self.eps, self.bounds)
+        radius = self.eps if self.norm == "linf" else self.eps / math.sqrt(x[0].numel())
+        x_adv = self.project(x + uniform_noise(x, -radius, radius, generator), x)
         active = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
         generators = per_sample_generators(generator, len(x))
         state: dict = {}
         bar = self.iterations(self.num_iters, desc=self.name)
         for i in bar:
-            value, grad = self.value_and_grad(x_adv, reference, i, generators)
+            value, grad = self.value_and_grad(x_adv, reference, i, generators, x)
             reached = self.reached(reference, i)
             if reached is not None:
                 active &= ~reached.view(-1, 1, 1, 1).to(active.device)
@@ -238,7 +312,7 @@ class PGDAttack(Attack):
                     logger.info("%s: every image reached its goal after %d iterations", self.name, i)
                     return x_adv.detach()
             step = self.step_size_at(i) * self.direction(grad, state) * active
-            x_adv = project(x_adv.detach() + step, x, self.eps, self.bounds)
+            x_adv = self.project(x_adv.detach() + step, x)
             bar.set_postfix(objective=f"{value.mean().item():.4f}", refresh=False)
             if self.monitor is not None:
                 self.monitor(i, x_adv)

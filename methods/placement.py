@@ -100,13 +100,37 @@ def _rows(source: int, target: int, start: int, stop: int) -> tuple[torch.Tensor
     return first, second, (position - first).float()
 
 
-def paste(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: float) -> tuple[np.ndarray, dict]:
+def round_within_l2(exact: np.ndarray, clean: np.ndarray, radius: float) -> np.ndarray:
+    """`clean` (uint8) moved by `exact` (float, in 8-bit levels) rounded to whole levels, the L2 length of the change
+    kept within `radius` levels: pixels are rounded to the nearest level, and where that makes the change longer
+    than `radius`, those rounded furthest away from the clean value are rounded toward it instead, until it fits
+    (rounding all of them toward it always fits)."""
+    exact = exact * min(1.0, radius / max(float(np.linalg.norm(exact)), 1e-12))  # float32 rounding may overshoot
+    base = clean.astype(np.int64)
+    delta = np.clip(base + np.round(exact), 0, 255) - base
+    over = float(np.sum(delta**2)) - radius**2
+    if over > 1e-6:
+        excess = np.abs(delta) - np.abs(exact)  # > 0 where rounding moved a pixel away from the clean value
+        order = np.argsort(-excess, axis=None)
+        order = order[excess.flat[order] > 0]
+        saved = np.cumsum(2 * np.abs(delta.flat[order]) - 1)  # what rounding each toward the clean value saves
+        chosen = order[:int(np.searchsorted(saved, over - 1e-6)) + 1]
+        delta.flat[chosen] -= np.sign(delta.flat[chosen])
+    return (base + delta).astype(np.uint8)
+
+
+def paste(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: float,
+          norm: str = "linf") -> tuple[np.ndarray, dict]:
     """Add the perturbation `delta` (`3 x H x W` on the padded work image, `[-1, 1]` units) to the photo's region.
 
     Each pixel of the region moves by the perturbation scaled back to the region's size, rounded to whole 8-bit
-    levels and capped at the largest whole number of levels within `eps`; the result stays in 0..255. Returns the
-    protected 8-bit photo and its distance to the photo: L-infinity in 1/255 and PSNR in dB.
+    levels and capped at the largest whole number of levels within `eps`; the result stays in 0..255. With
+    `norm="l2"` (`eps` the L2 length of the whole change, `[-1, 1]` units), the scaled-back perturbation is
+    shortened to `eps` and rounded within it (`round_within_l2`), in one piece. Returns the protected 8-bit photo
+    and its distance to the photo: L-infinity in 1/255, L2 in `[-1, 1]` units and PSNR in dB.
     """
+    if norm == "l2":
+        return _paste_l2(image, placement, delta, eps)
     levels = int(np.floor(eps * 127.5 + 1e-6))
     (w, h), (left, top, right, bottom) = placement.work, placement.box
     region_w, region_h = right - left, bottom - top
@@ -130,5 +154,25 @@ def paste(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: fl
         worst = max(worst, int(change.max()))
         squared += float(torch.linalg.vector_norm(change.float(), dtype=torch.float64)) ** 2
         clean.copy_(protected)  # writes into `out`
-    mse = squared / out.size / 255**2
-    return out, {"linf_255": worst, "psnr": float("inf") if mse == 0 else float(10 * np.log10(1 / mse))}
+    return out, _distances(worst, squared, out.size)
+
+
+def _paste_l2(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: float) -> tuple[np.ndarray, dict]:
+    (w, h), (left, top, right, bottom) = placement.work, placement.box
+    delta = delta.detach().float().cpu()[:, :h, :w] * 127.5
+    if placement.scaled:
+        delta = F.interpolate(delta[None], size=(bottom - top, right - left), mode="bilinear", align_corners=False)[0]
+    out = np.array(image)
+    clean = out[top:bottom, left:right]
+    protected = round_within_l2(delta.permute(1, 2, 0).double().numpy(), clean, eps * 127.5)
+    change = np.abs(protected.astype(np.int64) - clean)
+    out[top:bottom, left:right] = protected
+    return out, _distances(int(change.max()), float(np.sum(change**2)), out.size)
+
+
+def _distances(worst: int, squared: float, size: int) -> dict:
+    """L-infinity (1/255), L2 (`[-1, 1]` units) and PSNR (dB) of a change of largest level `worst` and summed squared
+    levels `squared` over an 8-bit photo of `size` values."""
+    mse = squared / size / 255**2
+    return {"linf_255": worst, "l2": float(np.sqrt(squared) / 127.5),
+            "psnr": float("inf") if mse == 0 else float(10 * np.log10(1 / mse))}

@@ -1,5 +1,6 @@
-"""What may happen to a protected photo before it is edited: JPEG, resizing, blur, noise, colour jitter and
-quantization. Each transform maps `N x 3 x H x W` images in `[-1, 1]` to the same shape and range.
+"""What may happen to a protected photo before it is edited: JPEG, resizing, blur, noise, colour jitter,
+quantization, rotation and cropping. Each transform maps `N x 3 x H x W` images in `[-1, 1]` to the same shape and
+range.
 
 Every transform except `PillowJPEG` is differentiable (rounding passes gradients straight through), so the PGD
 methods can optimise through a random one each step (expectation over transformation, `eot_transform`);
@@ -200,6 +201,43 @@ class Quantize(Transform):
         return _round((x + 1) / 2 * levels) / levels * 2 - 1
 
 
+class Rotate(Transform):
+    """Rotation by `degrees` about the centre (bilinear, borders reflected, same size)."""
+
+    def __init__(self, degrees: Range = (-5.0, 5.0)) -> None:
+        self.degrees = degrees
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        angle = math.radians(_draw(self.degrees, generator))
+        cos, sin = math.cos(angle), math.sin(angle)
+        height, width = x.shape[-2:]
+        # a rotation of pixel coordinates, written in affine_grid's coordinates (each side mapped to [-1, 1])
+        theta = torch.tensor([[cos, -sin * height / width, 0.0], [sin * width / height, cos, 0.0]],
+                             dtype=x.dtype, device=x.device)
+        grid = F.affine_grid(theta[None], list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class Crop(Transform):
+    """A window of a fraction `scale` of each side, at a random place, resized back to the full size."""
+
+    def __init__(self, scale: Range = (0.8, 1.0)) -> None:
+        self.scale = scale
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        scale = _draw(self.scale, generator)
+        h, w = max(round(height * scale), 1), max(round(width * scale), 1)
+        top, left = _offset(height - h, generator), _offset(width - w, generator)
+        window = x[..., top:top + h, left:left + w]
+        return F.interpolate(window, size=(height, width), mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def _offset(room: int, generator: torch.Generator | None) -> int:
+    """A position drawn uniformly in `0..room`."""
+    return min(int(_draw((0.0, room + 1.0), generator)), room)
+
+
 class ResizePad(Transform):
     """Input diversity (DI): with `probability`, shrink the image by a factor drawn from `scale` and pad it back to
     its size at a random offset with mid-grey (0); otherwise leave it unchanged."""
@@ -213,8 +251,7 @@ class ResizePad(Transform):
         height, width = x.shape[-2:]
         scale = _draw(self.scale, generator)
         h, w = max(round(height * scale), 1), max(round(width * scale), 1)
-        top = min(int(_draw((0.0, height - h + 1.0), generator)), height - h)
-        left = min(int(_draw((0.0, width - w + 1.0), generator)), width - w)
+        top, left = _offset(height - h, generator), _offset(width - w, generator)
         small = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         return F.pad(small, (left, width - w - left, top, height - h - top), value=0.0)
 
@@ -252,6 +289,8 @@ EOT_TRANSFORMS = {
     "noise": lambda: GaussianNoise(sigma=(0.0, 6.0)),
     "jitter": lambda: ColorJitter(),
     "quantize": lambda: Quantize(bits=(4, 7)),
+    "rotate": lambda: Rotate(degrees=(-5.0, 5.0)),
+    "crop": lambda: Crop(scale=(0.8, 1.0)),
 }
 
 

@@ -152,8 +152,8 @@ def tiny_clip(folder: Path | None = None):
     return model, processor
 
 
-def tiny_editor(folder: Path, pix2pix: bool = True) -> Path:
-    """A tiny InstructPix2Pix (UNet with 8 input channels) or img2img pipeline, saved to `folder`."""
+def tiny_pipeline(pix2pix: bool = True):
+    """A tiny InstructPix2Pix (UNet with 8 input channels, Euler ancestral as edit.py uses) or img2img pipeline."""
     from diffusers import (EulerAncestralDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
                            StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
 
@@ -169,9 +169,15 @@ def tiny_editor(folder: Path, pix2pix: bool = True) -> Path:
         pipe = StableDiffusionInstructPix2PixPipeline(scheduler=EulerAncestralDiscreteScheduler(), **components)
     else:
         pipe = StableDiffusionImg2ImgPipeline(scheduler=PNDMScheduler(skip_prk_steps=True), **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_editor(folder: Path, pix2pix: bool = True) -> Path:
+    """A tiny InstructPix2Pix or img2img pipeline (`tiny_pipeline`), saved to `folder`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe.save_pretrained(folder)
+        tiny_pipeline(pix2pix).save_pretrained(folder)
     return folder
 
 

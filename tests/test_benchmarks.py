@@ -16,7 +16,7 @@ from evaluation import benchmark_protection, benchmark_speed
 from methods.faces import FaceDetector
 from utils import UserError, load_image
 
-METHODS = "none,noise,encoder,facelock-eot"
+METHODS = "none,noise,encoder,facelock-eot,editshield"
 CLEANUPS = "none,jpeg75,resize0.5"
 
 
@@ -26,25 +26,30 @@ def test_protection_benchmark_bookkeeping(tmp_path, tiny_vae_dir, capsys):
         (faces / person).mkdir(parents=True)
         write_photo(faces / person / "portrait.jpg", size=(120, 90), seed=seed)
     face = export_tiny_onnx_face_model(tmp_path / "face")
-    argv = ["--faces", str(faces), "--output", str(tmp_path / "out"), "--methods", METHODS, "--cleanups", CLEANUPS,
+    argv = ["--faces", str(faces), "--output", str(tmp_path / "out"), "--methods", f"{METHODS},diffusion",
+            "--cleanups", CLEANUPS,
             "--size", "64", "--num_iters", "2", "--vae", str(tiny_vae_dir), "--fr_model", str(face), "--judge",
             str(face), "--device", "cpu"]
     assert benchmark_protection.main(argv) == 0
     out = tmp_path / "out"
     with (out / "protection.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 * 3 * 2
+    assert len(rows) == 5 * 3 * 2  # diffusion is skipped: without --editor it has no UNet to run
     assert {(r["method"], r["cleanup"]) for r in rows} == {(m, c) for m in METHODS.split(",")
                                                             for c in CLEANUPS.split(",")}
     assert {r["photo"] for r in rows} == {"ann__portrait", "bob__portrait"}
     for r in rows:
         assert math.isnan(float(r["fr_heldout"]))  # noise photos have no face: not scored
-        assert float(r["linf_255"]) == (0 if r["method"] == "none" else 3)  # the whole budget, never more
+        if r["method"] == "editshield":  # its fidelity term outweighs a random tiny autoencoder's latents
+            assert 0 < float(r["linf_255"]) <= 3
+        else:
+            assert float(r["linf_255"]) == (0 if r["method"] == "none" else 3)  # the whole budget, never more
     facelock = [r for r in rows if r["method"] == "facelock-eot"]
     assert all(float(r["seconds"]) > 0 for r in facelock)
     table = (out / "protection.md").read_text()
     assert "| method | FR" in table and "after each cleanup" in table and "| facelock-eot | n/a |" in table
-    assert Image.open(out / "grid.png").size == (160 * 5, 18 + 2 * (160 + 18))
+    assert "| editshield | n/a |" in table and "diffusion: skipped" in table and "| diffusion |" not in table
+    assert Image.open(out / "grid.png").size == (160 * 6, 18 + 2 * (160 + 18))
     assert Image.open(out / "photos" / "ann__portrait.png").size == (64, 64)
     assert (out / "protected" / "facelock-eot" / "budget_0.03" / "manifest.json").is_file()
 

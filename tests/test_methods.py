@@ -1,4 +1,4 @@
-"""The attack engine and the four methods, with tiny random models (CPU, offline, seconds)."""
+"""The attack engine and every method, with tiny random models (CPU, offline, seconds)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,39 @@ from methods.autoencoder import as_autoencoder
 from methods.base import PGDAttack, frozen, uniform_noise
 from methods.faces import Faces, NoFaceError
 from utils import quantize_within, tensor_to_uint8
-from conftest import AUTOENCODERS, centre_faces, random_images, tiny_face_identity, tiny_lpips
+from conftest import AUTOENCODERS, centre_faces, random_images, tiny_face_identity, tiny_lpips, tiny_pipeline
 
-METHOD_NAMES = ["encoder", "vae", "cw", "facelock", "noise"]
-ATTACKS = METHOD_NAMES[:4]  # the methods with models
+METHOD_NAMES = ["encoder", "vae", "cw", "facelock", "noise", "editshield", "diffusion"]
+#: Every method, and the diffusion attack also against img2img.
+CASES = [*METHOD_NAMES, "diffusion-img2img"]
+ATTACKS = [name for name in CASES if name != "noise"]  # the methods with models
 
 
 def build(name: str, autoencoder: str = "tiny", **options) -> methods.Attack:
-    options.setdefault("num_iters", 6)
-    return methods.create(name, autoencoder=AUTOENCODERS[autoencoder](), face=tiny_face_identity(),
-                          perceptual=tiny_lpips(), **options)
+    """Method `name` on tiny models; the diffusion attack's tiny editor decodes with the `autoencoder` given."""
+    method, _, editor = name.partition("-")
+    options.setdefault("num_iters", 3 if method == "diffusion" else 6)
+    models = dict(autoencoder=AUTOENCODERS[autoencoder](), face=tiny_face_identity(), perceptual=tiny_lpips())
+    if method == "diffusion":
+        models["editor"] = tiny_pipeline(pix2pix=editor != "img2img")
+        models["editor"].vae = vae = models["autoencoder"]
+        with torch.no_grad():  # scale latents to unit spread, as Stable Diffusion's scaling factor does
+            vae.register_to_config(scaling_factor=1 / as_autoencoder(vae).encode(random_images(4)).std().item())
+        options = {"steps": 4 if editor else 2, "grad_reps": 1, **options}  # img2img: 4 x strength 0.5 = 2 steps
+    if method == "editshield":  # a random tiny autoencoder's latents hardly depend on the image: weigh them up
+        options.setdefault("fidelity_weight", 1e-4)
+    return methods.create(method, **models, **options)
+
+
+def autoencoder_of(attack: methods.Attack):
+    return attack.editor.autoencoder if attack.name == "diffusion" else attack.autoencoder
 
 
 def seeded(*seeds: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def test_registry_lists_the_four_methods_and_builds_them_from_options():
+def test_registry_lists_every_method_and_builds_them_from_options():
     assert list(methods.METHODS) == METHOD_NAMES
     attack = build("encoder", eps=0.05, step_size=0.02, targeted=False, c=1.0)  # c is not an encoder option
     assert (attack.eps, attack.step_size, attack.targeted) == (0.05, 0.02, False)
@@ -37,7 +53,7 @@ def test_registry_lists_the_four_methods_and_builds_them_from_options():
         methods.get_method("nope")
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("autoencoder", ["tiny", "kl"])
 def test_budget_and_bounds_hold_after_8bit_rounding(name, autoencoder):
     x = random_images(2)
@@ -54,7 +70,7 @@ def test_budget_and_bounds_hold_after_8bit_rounding(name, autoencoder):
     assert (x_adv - x).abs().max() > 0.01  # it did perturb
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_input_untouched_output_detached_on_input_dtype(name):
     x = random_images(1).double()
     before = x.clone()
@@ -64,7 +80,7 @@ def test_input_untouched_output_detached_on_input_dtype(name):
     assert not x_adv.requires_grad and x_adv.grad_fn is None
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_same_seed_same_output(name):
     attack, x = build(name), random_images(1)
     first, second = attack(x, seeded(7)), attack(x, seeded(7))
@@ -72,7 +88,7 @@ def test_same_seed_same_output(name):
     assert not torch.equal(first, attack(x, seeded(8)))
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_batch_equals_single_runs(name):
     # float64 models: in float32, batched and single convolutions round differently, and a sign step turns a
     # rounding difference on a near-zero gradient into a full step
@@ -94,8 +110,9 @@ def test_models_frozen_during_attack_and_restored_after(name):
         for p in model.parameters():
             p.requires_grad_(True)
     seen = []
-    encode = attack.autoencoder.encode
-    attack.autoencoder.encode = lambda x: seen.append(
+    autoencoder = autoencoder_of(attack)
+    encode = autoencoder.encode
+    autoencoder.encode = lambda x: seen.append(
         [(m.training, any(p.requires_grad for p in m.parameters())) for m in models]) or encode(x)
     attack(random_images(1), seeded(0))
     assert seen and all(flags == [(False, False)] * len(models) for flags in seen)
@@ -164,6 +181,12 @@ def noise_baseline(x: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.no_grad()
 def measure(name: str, attack, x: torch.Tensor, y: torch.Tensor) -> float:
     """The quantity each method moves, measured on `y` against clean `x` (smaller is better for the attack)."""
+    if name.startswith("diffusion") or name == "editshield":  # stochastic: the same draws for every image compared
+        total = 0.0
+        for seed in range(3):
+            torch.manual_seed(seed)
+            total -= attack.objective(y, attack.prepare(x), 0).item()
+        return total
     ae = attack.autoencoder
     if name == "encoder-targeted":
         return ae.encode(y).norm().item()
@@ -176,14 +199,17 @@ def measure(name: str, attack, x: torch.Tensor, y: torch.Tensor) -> float:
     return attack.face(ae(y).clamp(-1, 1), attack.face.reference(x)).sum().item()
 
 
-@pytest.mark.parametrize("name", ["encoder-targeted", "encoder-untargeted", "vae", "cw", "facelock"])
+@pytest.mark.parametrize("name", ["encoder-targeted", "encoder-untargeted", "vae", "cw", "facelock", "editshield",
+                                  "diffusion", "diffusion-img2img"])
 def test_objective_moves_the_right_way(name):
     method, _, kind = name.partition("-")
-    attack = build(method, "kl", num_iters=20, **({"targeted": kind == "targeted"} if kind else {}))
+    options = {"targeted": kind == "targeted"} if method == "encoder" else {}
+    attack = build(name if method == "diffusion" else method, "kl", num_iters=10 if method == "diffusion" else 20,
+                   **options)
     x = random_images(1, size=32, seed=3)
     x_adv = attack(x, seeded(0))
     assert measure(name, attack, x, x_adv) < measure(name, attack, x, noise_baseline(x, attack.eps))
-    if name in ("encoder-targeted", "vae", "facelock"):
+    if name in ("encoder-targeted", "vae", "facelock", "diffusion", "diffusion-img2img"):
         assert measure(name, attack, x, x_adv) < measure(name, attack, x, x)
 
 

@@ -56,6 +56,20 @@ def test_pasting_matches_rounding_the_perturbed_photo_within_the_budget():
     assert stats["linf_255"] == 3 and 35 < stats["psnr"] < 60
 
 
+def test_an_l2_perturbation_scaled_back_keeps_its_l2_budget_after_rounding():
+    """Upsampling lengthens an L2 perturbation; `paste` shortens it to the budget before rounding within it, and
+    leaves the photo outside the region untouched."""
+    image = photo(300, 200, seed=3)
+    where = place(image.size, box=(40, 20, 240, 180), max_size=100)  # the region at half size
+    delta = torch.randn(3, *where.padded[::-1], generator=torch.Generator().manual_seed(0)) * 0.05
+    out, stats = paste(image, where, delta, eps=2.0, norm="l2")
+    change = out.astype(np.int64) - np.asarray(image)
+    length = float(np.linalg.norm(change)) / 127.5
+    assert 1.9 < length <= 2.0 and stats["l2"] == pytest.approx(length)
+    assert not change[:20].any() and not change[:, :40].any() and not change[180:].any()
+    assert stats["linf_255"] == np.abs(change).max() > 3  # beyond what an L-infinity budget of 0.03 allows
+
+
 def test_a_scaled_perturbation_is_the_bilinear_upsampling_strip_by_strip(monkeypatch):
     image = photo(200, 150, seed=2)
     where = place(image.size, box=(20, 10, 180, 140), max_size=64)

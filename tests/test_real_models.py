@@ -138,3 +138,16 @@ def test_an_ensemble_transfers_to_a_held_out_model_better_than_one_model(assets,
     print(f"\nMobileFaceNet (held out) similarity of the round trip, mean of 2 photos: MobileFace attacked alone "
           f"{np.mean(single):.3f}, MobileFace + SFace attacked together {np.mean(together):.3f}")
     assert np.mean(together) < np.mean(single) - 0.05  # measured: 0.803 alone, 0.672 together
+
+
+def test_editshield_shifts_a_real_photos_latent_far_more_than_noise(assets, taesd):
+    x = face_photo(assets)
+    x_adv = methods.create("editshield", autoencoder=taesd, num_iters=10)(x, SEED)
+    noisy = (x + 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).sign()).clamp(-1, 1)
+    ae = as_autoencoder(taesd)
+    with torch.no_grad():
+        clean = ae.encode(x)
+        protected, noise = ((ae.encode(t) - clean).square().mean().item() for t in (x_adv, noisy))
+    print(f"\nTAESD latent MSE from the clean photo: EditShield {protected:.4f}, random +-0.03 noise {noise:.4f} "
+          f"(10 iterations, budget 0.03)")
+    assert protected > 3 * noise

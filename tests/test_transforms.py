@@ -13,12 +13,14 @@ from methods.transforms import (
     JPEG,
     ColorJitter,
     Compose,
+    Crop,
     GaussianBlur,
     GaussianNoise,
     PillowJPEG,
     Quantize,
     RandomChoice,
     Resize,
+    Rotate,
     eot_transform,
 )
 from utils import load_image, pil_to_tensor
@@ -27,6 +29,7 @@ TRANSFORMS = {
     "jpeg": JPEG(75), "jpeg-range": JPEG((50, 95)), "pillow-jpeg": PillowJPEG(75), "resize": Resize(0.5),
     "blur": GaussianBlur(1.0), "noise": GaussianNoise(4.0), "jitter": ColorJitter(), "quantize": Quantize(5),
     "compose": Compose(Resize(0.5), PillowJPEG(75)), "eot": eot_transform(list(EOT_TRANSFORMS)),
+    "rotate": Rotate((-10.0, 10.0)), "crop": Crop((0.7, 0.9)),
 }
 
 
@@ -76,6 +79,12 @@ def test_fixed_transforms_do_what_they_say():
     assert torch.allclose(ColorJitter(1.0, 1.0, 1.0)(x), x, atol=1e-6)
     assert len(torch.unique(Quantize(5)(x))) <= 32
     assert (GaussianBlur(1.0)(x) - x).abs().mean() < (GaussianBlur(2.0)(x) - x).abs().mean()
+    square = x[..., :48, :48]
+    assert torch.allclose(Rotate(90.0)(square), torch.rot90(square, 1, dims=(2, 3)), atol=1e-5)  # counter-clockwise
+    assert torch.allclose(Rotate(0.0)(x), x, atol=1e-4) and torch.equal(Crop(1.0)(x), x)
+    ramp = torch.linspace(-1, 1, 64).view(1, 1, 1, 64).expand(1, 3, 64, 64)
+    window = Crop(0.5)(ramp, seeded(0))  # half of each side, blown up: half of the ramp's span
+    assert 0.9 < (window.max() - window.min()).item() < 1.1 and torch.allclose(window[..., 0, :], window[..., -1, :])
     noise = GaussianNoise(4.0)(torch.zeros(1, 3, 64, 64), seeded(0))
     assert noise.std().item() * 127.5 == pytest.approx(4.0, rel=0.05)
     with pytest.raises(ValueError, match="unknown EOT"):

@@ -56,3 +56,9 @@ class FaceSimilarity(SourceMetric):
                 source = self.sources[names[known[j]]][0]
                 scores[known[j]] = torch.dot(embeddings[k].cpu(), source)
         return scores
+
+
+class HeldOutFaceSimilarity(FaceSimilarity):
+    """FR by a second face model, one the protections did not attack, as a column of its own."""
+
+    key, title = "fr_heldout", "FR held-out"
