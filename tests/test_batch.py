@@ -79,7 +79,8 @@ def test_two_cpu_processes_on_a_machine_with_one_gpu_finish_together(tmp_path, t
     photos.mkdir()
     for k in range(3):
         write_photo(photos / f"p{k}.png", size=(64, 64), seed=k)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "fake"),
+                                                                      os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "main_defend.py"), "--image_dir", str(photos), "--output_dir", str(tmp_path / "out"),
