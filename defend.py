@@ -9,6 +9,7 @@ Writes a lossless PNG of the input's size that differs from it by at most the bu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -20,12 +21,17 @@ from PIL import Image
 
 import methods
 from evaluation.metrics.psnr import psnr
-from methods.faces import NoFaceError
+from evaluation.walker import photos_under
+from methods.facecloak import FOCUS, FaceCloak, IdentityMask
+from methods.faces import FaceDetector, NoFaceError
 from methods.transforms import EOT_TRANSFORMS, eot_transform
 from utils import (
     EDITOR_ID_HELP,
     EDITOR_IDS,
+    InputError,
     UserError,
+    atomic_write,
+    budget_levels,
     cpu_generator,
     derive_seed,
     linf_255,
@@ -53,7 +59,12 @@ DEFAULTS = dict(
     eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0,
     device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
     max_size=1024, overwrite=False,
+    mask=None, gallery=None, focus="none", sticker_budget=0.251, highpass_budget=0.251, variations=8,
+    mask_size=112,
 )
+#: Defaults of one method, over the preset's (flags given explicitly still win): FaceCloak's paper budget 8/255,
+#: step 2/255 and 10 passes, in [-1, 1] units.
+METHOD_DEFAULTS = {"facecloak": {"attack_budget": 0.0628, "step_size": 0.0157, "num_iters": 10}}
 #: Named groups of defaults; flags given explicitly still win.
 PRESETS = {
     "official": {},
@@ -66,6 +77,11 @@ PRESET_HELP = ("official: the FaceLock code's defaults (full editor VAE, budget 
                "model, no LPIPS term)")
 MAX_BUDGET = 0.25
 NO_FACE_HINT = "pass --allow_no_face to protect it with the latent and perceptual terms only"
+FACECLOAK_NO_FACE = "facecloak masks faces only; the photo is left as it is"
+
+
+def no_face_hint(method: str) -> str:
+    return FACECLOAK_NO_FACE if method == "facecloak" else NO_FACE_HINT
 
 
 def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +142,20 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the models (opt-in: compiling takes minutes; measure before relying on it)")
     models.add_argument("--max_size", type=int,
                         help="attack larger photos at this long side and resize the perturbation back (0: never)")
+    cloak = parser.add_argument_group("facecloak")
+    cloak.add_argument("--mask", help="apply this identity mask (a .safetensors file learned earlier) instead of "
+                                      "learning one: no optimisation, a fraction of a second per photo")
+    cloak.add_argument("--gallery", help="photos of other people (a folder; 10 or more faces), the anchors a mask is "
+                                         "learned against")
+    cloak.add_argument("--focus", help=f"focusing inside the optimisation: none or a comma-separated subset of "
+                                       f"{','.join(FOCUS)}")
+    cloak.add_argument("--sticker_budget", type=float,
+                       help="budget in the eye, nose and mouth boxes with --focus stickers ([-1, 1] units)")
+    cloak.add_argument("--highpass_budget", type=float,
+                       help="budget where the face has high-frequency texture with --focus highpass ([-1, 1] units)")
+    cloak.add_argument("--variations", type=int, help="synthetic variations (pose, lighting, colour, blur, JPEG) of "
+                                                      "each photo per pass")
+    cloak.add_argument("--mask_size", type=int, help="side of the mask in the aligned face space (112 or a multiple)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs")
 
 
@@ -140,7 +170,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     """Parse with the preset's defaults under the explicit flags, and check the values."""
     parser.set_defaults(**DEFAULTS)
     preset, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**{**DEFAULTS, **PRESETS[preset.preset]})
+    parser.set_defaults(**{**DEFAULTS, **PRESETS[preset.preset], **METHOD_DEFAULTS.get(preset.defend_method, {})})
     args = parser.parse_args(argv)
     if not 0 < args.attack_budget <= MAX_BUDGET:
         parser.error(f"--attack_budget must be in (0, {MAX_BUDGET}] ([-1, 1] units), got {args.attack_budget}")
@@ -153,6 +183,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     if unknown:
         parser.error(f"--eot takes a subset of {','.join(EOT_TRANSFORMS)}; unknown: {','.join(unknown)}")
     args.model_id = args.model_id or EDITOR_IDS[args.target_model]
+    focus = [] if args.focus == "none" else args.focus.split(",")
+    if sorted(set(focus) - set(FOCUS)) or not focus and args.focus != "none":
+        parser.error(f"--focus takes none or a comma-separated subset of {','.join(FOCUS)}, got {args.focus}")
+    if not (0 < args.sticker_budget <= 1 and 0 < args.highpass_budget <= 1) or args.variations < 0 or \
+            args.mask_size < 112 or args.mask_size % 112:
+        parser.error("--sticker_budget and --highpass_budget must be in (0, 1], --variations >= 0 and --mask_size a "
+                     "multiple of 112")
+    if (args.mask or args.gallery) and args.defend_method != "facecloak":
+        parser.error("--mask and --gallery are options of --defend_method facecloak")
     return args
 
 
@@ -172,7 +211,7 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
     components = {}
     if "autoencoder" in cls.models:
         components["autoencoder"] = load_autoencoder(args.vae, args.model_id, device, dtype)
-    if "face" in cls.models:
+    if "face" in cls.models and not args.mask:  # an identity mask made earlier needs only the detector
         components["face"] = load_face_identity(args.fr_model, device, keep=args.faces, combine=args.fr_combine)
     if "perceptual" in cls.models:
         components["perceptual"] = load_perceptual(args.lpips, device)
@@ -192,7 +231,55 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
         allow_no_face=args.allow_no_face, target_fr=args.target_fr, progress=progress,
         eot=eot_transform(args.eot.split(",")) if args.eot else None, eot_samples=args.eot_samples,
         momentum=args.momentum, input_diversity=args.input_diversity, ti_kernel=args.ti_kernel,
+        detector=FaceDetector(keep=args.faces), mask=load_mask(args.mask) if args.mask else None,
+        focus=[] if args.focus == "none" else args.focus.split(","), sticker_budget=args.sticker_budget,
+        highpass_budget=args.highpass_budget, variations=args.variations, mask_size=args.mask_size,
+        max_size=args.max_size,
     )
+
+
+def load_mask(path: str | Path) -> IdentityMask:
+    try:
+        return IdentityMask.load(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--mask {path}: not an identity mask ({str(error).splitlines()[0]})") from None
+
+
+def learn_mask(args: argparse.Namespace, attack: FaceCloak, sources: Sequence[Path], path: Path) -> dict:
+    """Learn the identity mask of the person in `sources` against `--gallery`, save it to `path` (atomically) and
+    return its provenance for the manifest. Files that cannot be read or show no face are left out and named."""
+    if not args.gallery:
+        raise UserError("facecloak learns a mask against photos of other people: pass --gallery DIR (or apply a "
+                        "mask learned earlier with --mask)")
+    left_out = {}
+
+    def readable(paths: Sequence[Path]):
+        for source in paths:
+            try:
+                yield pil_to_tensor(load_image(source))
+            except InputError as error:
+                left_out[str(source)] = str(error)
+
+    chosen = [p for p in sources]
+    gallery = [p for p in photos_under(args.gallery) if all(p.resolve() != s.resolve() for s in chosen)]
+    print(f"learning a facecloak mask from {len(chosen)} photo(s) against {len(gallery)} gallery photos "
+          f"({args.num_iters} passes, {args.variations} variations per photo)")
+    mask = attack.learn(readable(chosen), readable(gallery), cpu_generator(derive_seed(args.seed, "facecloak")))
+    used = [s for s in chosen if str(s) not in left_out]
+    for i in mask.info["no_face"]:
+        left_out[str(used[i])] = "no face found"
+    mask.info.update(learned_from=[str(s) for s in used if str(s) not in left_out], gallery=str(args.gallery),
+                     left_out=left_out)
+    atomic_write(path, mask.save)
+    print(f"mask saved to {path} ({mask.info['seconds']:.1f} s; triplet loss per pass {mask.info['loss']}); protect "
+          f"new photos of this person with --defend_method facecloak --mask {path}")
+    return mask_provenance(mask, path)
+
+
+def mask_provenance(mask: IdentityMask, path: Path) -> dict:
+    """What the manifest records of the mask a folder was protected with."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"path": str(path), "sha256": digest, **mask.info}
 
 
 def compile_models(components: dict) -> None:
@@ -223,8 +310,11 @@ def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
         parts.append(", ".join(levers))
     if "autoencoder" in attack.models:
         parts.append(f"autoencoder {args.vae or args.model_id + ' (vae)'}")
-    if "face" in attack.models:
+    if getattr(attack, "face", None) is not None:
         parts.append(f"face model {args.fr_model}" + (f" ({args.fr_combine})" if "," in args.fr_model else ""))
+    if isinstance(attack, FaceCloak):
+        parts.append(f"mask {args.mask}" if args.mask else f"focus {args.focus}, {args.variations} variations per "
+                                                           f"photo, gallery {args.gallery}")
     if "perceptual" in attack.models:
         parts.append(f"LPIPS {args.lpips}")
     return ", ".join(parts)
@@ -236,14 +326,19 @@ def protect_images(attack: methods.Attack, images: Sequence[Image.Image], seeds:
     8-bit protected images and their statistics (L-infinity in 1/255, PSNR in dB, seconds)."""
     start = time.perf_counter()
     x = torch.cat([pil_to_tensor(image) for image in images]).to(device)
-    protected = protect_tensor(attack, x, [cpu_generator(s) for s in seeds], max_size=max_size)
+    if isinstance(attack, FaceCloak):  # a budget per pixel: the warped budget map of the mask
+        protected, budgets = attack.cloak(x)
+        budgets = budgets.permute(0, 2, 3, 1).cpu().numpy()
+    else:
+        protected = protect_tensor(attack, x, [cpu_generator(s) for s in seeds], max_size=max_size)
+        budgets = [attack.eps] * len(images)
     seconds = (time.perf_counter() - start) / len(images)
     results = []
-    for image, adv, seed in zip(images, protected, seeds):
+    for image, adv, seed, eps in zip(images, protected, seeds, budgets):
         clean = np.asarray(image)
-        out = quantize_within(adv, clean, attack.eps)
+        out = quantize_within(adv, clean, eps)
         distance = linf_255(out, clean)
-        if distance > attack.eps * 127.5:
+        if distance > attack.eps * 127.5 or (np.abs(out.astype(np.int64) - clean) > budget_levels(eps)).any():
             raise AssertionError(f"budget broken after rounding: {distance}/255 > {attack.eps * 127.5:.2f}/255")
         quality = psnr(pil_to_tensor(Image.fromarray(out)), pil_to_tensor(image)).item()
         results.append((out, {"seed": seed, "linf_255": distance, "psnr": round(quality, 3),
@@ -271,14 +366,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{output} exists; nothing to do (pass --overwrite to replace it)")
         return 0
 
+    mask_path = output.with_name(f"{output.stem}_mask.safetensors")
+    learning = args.defend_method == "facecloak" and not args.mask
+    if learning and mask_path.exists() and not args.overwrite:
+        raise UserError(f"{mask_path} exists; apply it with --mask {mask_path}, or pass --overwrite to learn anew")
     device = pick_device(args.device)
     attack = build_attack(args, device)
     print(f"protecting {source} ({image.width}x{image.height}) with {describe_attack(args, attack)} on {device}")
     seed = derive_seed(args.seed, source.stem)
     try:
+        if learning:
+            learn_mask(args, attack, [source], mask_path)
         (protected, stats), = protect_images(attack, [image], [seed], device, args.max_size)
     except NoFaceError:
-        raise UserError(f"{source}: no face found ({NO_FACE_HINT})") from None
+        raise UserError(f"{source}: no face found ({no_face_hint(args.defend_method)})") from None
     save_png(protected, output)
     print(f"wrote {output}: L-inf {stats['linf_255']}/255 (budget {budget_in_255(args.attack_budget)}), "
           f"PSNR {stats['psnr']:.2f} dB, {stats['seconds']:.1f} s")

@@ -173,10 +173,17 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float) -> np.ndarray:
+def budget_levels(eps: float | np.ndarray) -> float | np.ndarray:
+    """The largest whole number of 8-bit levels within a budget `eps` ([-1, 1] units; a number, or a per-pixel
+    `H x W x 1` array)."""
+    return np.floor(np.asarray(eps, dtype=np.float64) * 127.5 + 1e-6)
+
+
+def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float | np.ndarray) -> np.ndarray:
     """Round a protected image to 8 bits without leaving the budget: each pixel moves from the clean 8-bit value
-    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units)."""
-    levels = int(np.floor(eps * 127.5 + 1e-6))
+    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units; a
+    number, or a per-pixel `H x W x 1` array)."""
+    levels = budget_levels(eps)
     adversarial = (x_adv.detach().float().cpu().reshape(-1, *x_adv.shape[-2:]).permute(1, 2, 0).numpy() + 1) * 127.5
     delta = np.clip(np.round(adversarial - clean.astype(np.float64)), -levels, levels)
     return np.clip(clean.astype(np.int64) + delta, 0, 255).astype(np.uint8)
