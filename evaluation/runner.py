@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 #: Every metric by key, in the paper's order.
 METRIC_CLASSES = {cls.key: cls for cls in (PSNR, SSIM, LPIPS, ClipS, ClipI, FaceSimilarity)}
 METRIC_KEYS = tuple(METRIC_CLASSES)
+#: Metrics computed only when asked for (`--metrics ...,psr`): PSR needs a labelled gallery (`--psr_gallery`).
+OPTIONAL_KEYS = ("psr",)
 
 
 @dataclass
@@ -218,7 +220,7 @@ def write(results: Results, output: Path, name: str) -> str:
 
 def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    needs_source = any(k in ("clip_s", "clip_i", "fr") for k in keys)
+    needs_source = any(k in ("clip_s", "clip_i", "fr", "psr") for k in keys)
     needs_clean = any(k in ("psnr", "ssim", "lpips") for k in keys)
     if needs_source:
         parser.add_argument("--src_dir", required=True, help="the source photos that were edited")
@@ -234,11 +236,19 @@ def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentPars
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     if "clip_s" in keys or "clip_i" in keys:
         parser.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="CLIP hub id or folder")
-    if "fr" in keys:
+    if "fr" in keys or "psr" in keys:
         parser.add_argument("--fr_model", default="facenet",
-                            help="face model judging identity: facenet, sface, mobilefacenet, adaface or an .onnx path")
+                            help="face model judging identity: facenet, sface, mobilefacenet, adaface or an .onnx path "
+                                 "(psr: a comma-separated list scores each)")
+    if "fr" in keys:
         parser.add_argument("--fr_landmarks", default="detect", choices=["detect", "source"],
                             help="find the face in each edit again (default) or crop where the source's face was")
+    if "psr" in keys:
+        parser.add_argument("--psr_gallery", help="psr: labelled clean photos of the people (labels.csv or one folder "
+                                                  "per person); edits are named after their photo there")
+        parser.add_argument("--psr_distractors", help="psr: photos of other people added to the gallery")
+        parser.add_argument("--psr_far", type=float, default=0.01,
+                            help="psr: false-accept rate of the verification threshold, set on the gallery")
     return parser
 
 
@@ -261,7 +271,23 @@ def build_metrics(keys: Sequence[str], args: argparse.Namespace, device: torch.d
         elif key == "fr":
             identity = load_face_identity(args.fr_model, device)
             metrics.append(FaceSimilarity(identity, reuse_landmarks=args.fr_landmarks == "source"))
+        elif key == "psr":
+            metrics += psr_metrics(args, device)
     return metrics
+
+
+def psr_metrics(args: argparse.Namespace, device: torch.device) -> list[Metric]:
+    """Top-1, top-5 and verification PSR by each face model of `--fr_model`, against `--psr_gallery`."""
+    from .eval_psr import face_models, load_gallery
+    from .metrics.psr import KINDS, Probes, ProtectionSuccess
+
+    if not args.psr_gallery:
+        raise UserError("psr compares each edit with a gallery of labelled photos: pass --psr_gallery")
+    models, detector = face_models(args.fr_model, device)
+    distractors = Path(args.psr_distractors) if args.psr_distractors else None
+    gallery, _ = load_gallery(Path(args.psr_gallery), models, detector, args.psr_far, distractors)
+    probes = Probes(gallery, models, detector)
+    return [ProtectionSuccess(probes, model, kind) for model in models for kind in KINDS]
 
 
 def load_clip(name: str, device: torch.device):
@@ -279,7 +305,7 @@ def cli(keys: Sequence[str], description: str, argv: Sequence[str] | None = None
     """Parse, load the models, evaluate, write `--output`, print the table."""
     parser = build_parser(keys, description)
     if name is None:
-        parser.add_argument("--metrics", default=",".join(keys),
+        parser.add_argument("--metrics", default=",".join(k for k in keys if k not in OPTIONAL_KEYS),
                             help=f"comma-separated subset of {','.join(keys)}")
     args = parser.parse_args(argv)
     chosen = list(keys) if name else [k.strip() for k in args.metrics.split(",") if k.strip()]
