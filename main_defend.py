@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters", "targeted", "c", "lr", "seed",
             "target_model", "model_id", "vae", "fr_model", "fr_combine", "faces", "allow_no_face", "lpips", "target_fr",
             "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "max_size", "mask", "gallery", "focus",
-            "sticker_budget", "highpass_budget", "variations", "mask_size")
+            "sticker_budget", "highpass_budget", "variations", "mask_size", "arc2face")
 #: Where a facecloak run keeps the identity mask it learned, beside the outputs.
 MASK_FILE = "facecloak_mask.safetensors"
 

@@ -94,8 +94,9 @@ def sticker_regions(size: int) -> torch.Tensor:
     W/5 x H/4, centred on their landmarks, and a mouth box from one mouth corner to the other, 28/112 of the side
     high, centred between them."""
     points, k = template(size), size / 112
+    mouth = (points[3] + points[4]) / 2
     boxes = [(*points[0], size / 5, size / 11), (*points[1], size / 5, size / 11), (*points[2], size / 5, size / 4),
-             ((points[3, 0] + points[4, 0]) / 2, (points[3, 1] + points[4, 1]) / 2, points[4, 0] - points[3, 0], 28 * k)]
+             (*mouth, points[4, 0] - points[3, 0], 28 * k)]
     centres = torch.arange(size, dtype=torch.float64)
     regions = torch.zeros(size, size, dtype=torch.bool)
     for cx, cy, w, h in boxes:
@@ -334,7 +335,8 @@ class FaceCloak(Attack):
         if "highpass" in self.focus:
             budgets["highpass"] = self.highpass_budget
         info = {"method": self.name, "size": self.mask_size, "models": getattr(self.face, "name", ""),
-                "combine": getattr(self.face, "combine", "mean"), "budgets": budgets, "focus": list(self.focus), "photos": len(views), "no_face": no_face, "variations": self.variations,
+                "combine": getattr(self.face, "combine", "mean"), "budgets": budgets, "focus": list(self.focus),
+                "photos": len(views), "no_face": no_face, "variations": self.variations,
                 "passes": self.num_iters, "step_size": self.step_size, "attention_lr": self.attention_lr,
                 "self_weight": self.self_weight, "anchors": anchors["chosen"], "loss": history,
                 "seconds": round(time.perf_counter() - start, 2)}

@@ -16,11 +16,26 @@ from skimage.transform import SimilarityTransform
 import defend
 import main_defend
 import methods
-from conftest import TinyFaceNet, centre_faces, export_tiny_onnx_face_model, random_images, tiny_face_identity, write_photo
+from conftest import (
+    TinyFaceNet,
+    centre_faces,
+    export_tiny_onnx_face_model,
+    random_images,
+    tiny_face_identity,
+    write_photo,
+)
 from defend import protect_images
 from methods.facecloak import FaceCloak, IdentityMask, place, sticker_regions, template
-from methods.faces import (FaceDetector, FaceEmbedder, FaceEnsemble, FaceIdentity, Faces, NoFaceError, arcface_matrix,
-                           crop_faces)
+from methods.faces import (
+    FaceDetector,
+    FaceEmbedder,
+    FaceEnsemble,
+    FaceIdentity,
+    Faces,
+    NoFaceError,
+    arcface_matrix,
+    crop_faces,
+)
 from utils import UserError, budget_levels, load_image, tensor_to_uint8
 
 FAST = dict(num_iters=3, variations=2)

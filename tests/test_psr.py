@@ -109,7 +109,8 @@ def test_the_one_pass_evaluator_reports_psr_of_edits(tmp_path, tiny_models):
     gallery = people_folder(tmp_path / "gallery")
     for label, source in (("clean", {"p1": "p1", "q1": "q1"}), ("cloaked", {"p1": "q1", "q1": "q1"})):
         for name, image in source.items():
-            write(tmp_path / label / "seed0" / "prompt0" / f"{name}.png", np.asarray(Image.open(gallery / f"{image}.png")))
+            photo = np.asarray(Image.open(gallery / f"{image}.png"))
+            write(tmp_path / label / "seed0" / "prompt0" / f"{name}.png", photo)
     argv = ["--src_dir", str(gallery), "--clean_edit_dir", str(tmp_path / "clean"), "--defend_edit_dirs",
             str(tmp_path / "cloaked"), "--seed", "0", "--output", str(tmp_path / "out"), "--fr_model", "tiny"]
     keys = runner.METRIC_KEYS + runner.OPTIONAL_KEYS

@@ -136,16 +136,18 @@ class ProtectionSuccess(SourceMetric):
 
 
 class Probes:
-    """Embeds each batch of probes once for all PSR metrics and models (the last batch is remembered)."""
+    """Embeds each batch of probes once for all PSR metrics and models (the last batch, compared by content, is
+    remembered)."""
 
     def __init__(self, gallery: Gallery, models: dict[str, object], detector) -> None:
         self.gallery, self.models, self.detector = gallery, models, detector
         self._last: tuple | None = None
 
     def outcomes(self, images: torch.Tensor, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-        key = (images.data_ptr(), tuple(images.shape), tuple(names))
-        if self._last is None or self._last[0] != key:
+        if self._last is None or self._last[1] != list(names) or self._last[0].shape != images.shape or \
+                not torch.equal(self._last[0], images):  # each metric gets its own copy of the batch
             device = next(next(iter(self.models.values())).parameters()).device
             embedded = embed_largest(self.models, self.detector, images.to(device))
-            self._last = (key, {model: self.gallery.outcomes(model, embedded[model], names) for model in self.models})
-        return self._last[1]
+            outcomes = {model: self.gallery.outcomes(model, embedded[model], names) for model in self.models}
+            self._last = (images, list(names), outcomes)
+        return self._last[2]
