@@ -197,8 +197,8 @@ def members(face: nn.Module) -> list[nn.Module]:
 
 @register
 class FaceCloak(Attack):
-    """FaceCloak ("Personalized Face Privacy Protection From a Single Image", Yahn et al.; official code
-    zacharyyahn/FaceCloak): a universal, identity-specific perturbation learned once from a few photos of a person
+    """FaceCloak ("Personalized Face Privacy Protection From a Single Image"; official code
+    https://github.com/zacharyyahn/FaceCloak): a universal, identity-specific perturbation learned once from a few photos of a person
     (plus synthetic variations of them) and added to any later photo of that person, with no optimisation per photo.
 
     The mask lives in the aligned face space: the ArcFace 112 x 112 template, or `mask_size` (a multiple of it). On
@@ -207,10 +207,10 @@ class FaceCloak(Attack):
     through each face model's own alignment, over the person's photos and random variations of each (pose, lighting,
     colour, blur, JPEG: `variations` per photo and pass), with FaceCloak's triplet loss per face model
 
-        cos(e, near) - cos(e, far)  [+ self_weight * cos(e, own)]
+        cos(e, near) - cos(e, far)
 
-    where `near` and `far` are the gallery faces (other people) most and least similar to the person's photos and
-    `own` is the person's clean embedding; several face models (`FaceEnsemble`) are averaged (or their worst taken,
+    where `near` and `far` are the gallery faces (other people) most and least similar to the person's photos (their
+    mean clean embedding); several face models (`FaceEnsemble`) are averaged (or their worst taken,
     with `combine="max"`). Sign-PGD as the paper: uniform start in the budget, `num_iters` passes, one step of
     `step_size` after each image, projection onto the per-pixel budget after every step.
 
@@ -244,7 +244,7 @@ class FaceCloak(Attack):
                  mask: IdentityMask | None = None, eps: float = BASE_BUDGET, step_size: float = STEP,
                  num_iters: int = 10, variations: int = 8, focus: Sequence[str] = (),
                  sticker_budget: float = FOCUS_BUDGET, highpass_budget: float = FOCUS_BUDGET,
-                 attention_lr: float = 10.0, self_weight: float = 0.0, mask_size: int = 112, max_size: int = 1024,
+                 attention_lr: float = 10.0, mask_size: int = 112, max_size: int = 1024,
                  progress: bool = False) -> None:
         focus = tuple(focus)
         unknown = sorted(set(focus) - set(FOCUS))
@@ -264,7 +264,7 @@ class FaceCloak(Attack):
         self.detector = detector if detector is not None else getattr(face, "detector", None)
         self.base_budget, self.sticker_budget, self.highpass_budget = eps, sticker_budget, highpass_budget
         self.step_size, self.num_iters, self.variations = step_size, num_iters, variations
-        self.focus, self.attention_lr, self.self_weight = focus, attention_lr, self_weight
+        self.focus, self.attention_lr = focus, attention_lr
         self.mask_size, self.max_size = mask_size, max_size
         self.mask: IdentityMask | None = None
         if mask is not None:
@@ -338,7 +338,7 @@ class FaceCloak(Attack):
                 "combine": getattr(self.face, "combine", "mean"), "budgets": budgets, "focus": list(self.focus),
                 "photos": len(views), "no_face": no_face, "variations": self.variations,
                 "passes": self.num_iters, "step_size": self.step_size, "attention_lr": self.attention_lr,
-                "self_weight": self.self_weight, "anchors": anchors["chosen"], "loss": history,
+                "anchors": anchors["chosen"], "loss": history,
                 "seconds": round(time.perf_counter() - start, 2)}
         mask = IdentityMask(delta.detach().cpu(), budget.cpu(), info)
         self.use(mask)
@@ -379,7 +379,7 @@ class FaceCloak(Attack):
         return views, no_face
 
     def _anchors(self, views: list[_View], gallery: Sequence[torch.Tensor]) -> dict:
-        """Per face model: the person's clean embedding and the nearest and farthest gallery faces."""
+        """Per face model: the gallery faces nearest to and farthest from the person's mean clean embedding."""
         device = views[0].canvas.device
         own = [torch.cat([m.embed(v.canvas, v.faces)[0] for v in views]) for m in members(self.face)]
         embedded = [[] for _ in own]
@@ -393,13 +393,12 @@ class FaceCloak(Attack):
                 embedded[k].append(m.embed(image, first)[0])
         if len(embedded[0]) < 2:
             raise ValueError(f"the gallery needs faces of at least two other people; found {len(embedded[0])}")
-        out: dict = {"own": [], "near": [], "far": [], "chosen": {}}
+        out: dict = {"near": [], "far": [], "chosen": {}}
         for m, mine, others in zip(members(self.face), own, embedded):
             person = F.normalize(mine.mean(dim=0), dim=0)
             others = torch.cat(others)
             similarity = others @ person
             near, far = int(similarity.argmax()), int(similarity.argmin())
-            out["own"].append(person)
             out["near"].append(others[near])
             out["far"].append(others[far])
             out["chosen"][getattr(m, "name", "") or f"model{len(out['chosen'])}"] = {
@@ -427,8 +426,6 @@ class FaceCloak(Attack):
         for k, m in enumerate(members(self.face)):
             e = m.embed(y, faces)[0][0]
             value = e @ anchors["near"][k] - e @ anchors["far"][k]
-            if self.self_weight:
-                value = value + self.self_weight * (e @ anchors["own"][k])
             values.append(value)
         values = torch.stack(values)
         return values.max() if getattr(self.face, "combine", "mean") == "max" else values.mean()
