@@ -326,9 +326,12 @@ def compile_models(components: dict) -> None:
 
 def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
     parts = [f"{args.defend_method}: budget {budget_in_255(args.attack_budget)}"]
-    if hasattr(attack, "step_size"):
+    if isinstance(attack, FaceCloak):  # applying a mask has no steps; learning one takes passes over the photos
+        parts.append(f"mask {args.mask}" if args.mask else f"step {args.step_size}, {args.num_iters} passes, focus "
+                     f"{args.focus}, {args.variations} variations per photo, gallery {args.gallery}")
+    elif hasattr(attack, "step_size"):
         parts.append(f"step {args.step_size}")
-    if hasattr(attack, "num_iters"):
+    if hasattr(attack, "num_iters") and not isinstance(attack, FaceCloak):
         parts.append(f"{args.num_iters} iterations")
     if getattr(attack, "eot", None) is not None:
         parts.append(f"EOT over {args.eot} ({args.eot_samples} per step)")
@@ -340,9 +343,6 @@ def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
         parts.append(f"autoencoder {args.vae or args.model_id + ' (vae)'}")
     if getattr(attack, "face", None) is not None:
         parts.append(f"face model {args.fr_model}" + (f" ({args.fr_combine})" if "," in args.fr_model else ""))
-    if isinstance(attack, FaceCloak):
-        parts.append(f"mask {args.mask}" if args.mask else f"focus {args.focus}, {args.variations} variations per "
-                                                           f"photo, gallery {args.gallery}")
     if "perceptual" in attack.models:
         parts.append(f"LPIPS {args.lpips}")
     return ", ".join(parts)

@@ -6,8 +6,9 @@ For each person of a labelled folder (default: FACELOCK_ASSETS/faces; faces-hold
 to a square around the face. The person's first photo (by name) is the one a FaceCloak mask is learned from (against
 the other people's photos as the gallery of anchors); the person's other photos are the probes, protected by
 main_defend.py with each method: none, uniform noise at the same budget, FaceLock per photo (`--preset small`),
-FaceCloak with each focusing option (`--mask` of the learned mask), and FaceCloak plus FaceLock (the mask at half
-the budget, FaceLock on top at the other half). Each probe is then identified among the clean photos of every person
+FaceCloak with each focusing option (`--mask` of the learned mask) and learned against an ensemble (the attacked
+model and `--ensemble`), and FaceCloak plus FaceLock (the mask at half the budget, FaceLock on top at the other
+half). Each probe is then identified among the clean photos of every person
 (its own clean photo left out) by a held-out face model and by the attacked one: top-1, top-5 and verification PSR
 at the threshold giving a 1 % false-accept rate on the clean photos (`evaluation/eval_psr.py`). Also reported: the
 FR similarity between each probe's TAESD round trip and its clean photo (protection of edits), the perturbation's
@@ -67,6 +68,7 @@ METHODS = {
     "facecloak-stickers": ["--focus", "stickers"],
     "facecloak-highpass": ["--focus", "highpass"],
     "facecloak-attention": ["--focus", "attention"],
+    "facecloak-ensemble": ["--focus", "none"],  # the attacked model and --ensemble together
     "facecloak+facelock": ["--focus", "none"],  # mask at half the budget, then FaceLock at the other half
 }
 
@@ -81,12 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack_budget", type=float, default=0.0628, help="base budget in [-1, 1] units (8/255)")
     parser.add_argument("--fr_model", default="sface", help="the face model(s) the protections attack")
     parser.add_argument("--judge", default="mobilefacenet", help="the held-out face model")
+    parser.add_argument("--ensemble", default="mobileface", help="attacked with --fr_model by facecloak-ensemble")
     parser.add_argument("--cloak_options", default="", help="more main_defend.py options for every facecloak run "
                                                             "(e.g. '--variations 16')")
     parser.add_argument("--facelock_iters", type=int, default=100, help="FaceLock iterations")
     parser.add_argument("--vae", default="madebyollin/taesd", help="the autoencoder of FaceLock and the round trip")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attacks")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--dtype", default="auto", help="main_defend.py's --dtype for every protection (auto: "
+                                                        "float32 on a CPU)")
     return parser
 
 
@@ -122,7 +127,8 @@ def folder_of(output: Path, what: str, names: Sequence[str], photos_dir: Path) -
 
 def defend(image_dir: Path, out: Path, options: list[str], args: argparse.Namespace, budget: float) -> Path:
     main_defend.main(["--image_dir", str(image_dir), "--output_dir", str(out), *options, "--attack_budget",
-                      str(budget), "--seed", str(args.seed), "--device", args.device, "--max_size", "0"])
+                      str(budget), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
+                      "--max_size", "0"])
     return out / f"budget_{budget}"
 
 
@@ -141,8 +147,8 @@ def protect(method: str, args: argparse.Namespace, output: Path, people: dict[st
                         args, args.attack_budget)
         return {name: folder / f"{name}.png" for name in probes}, [], {}
     budget = round(args.attack_budget / 2, 4) if method == "facecloak+facelock" else args.attack_budget
-    cloak = ["--defend_method", "facecloak", "--fr_model", args.fr_model, *METHODS[method],
-             *args.cloak_options.split()]
+    models = f"{args.fr_model},{args.ensemble}" if method == "facecloak-ensemble" else args.fr_model
+    cloak = ["--defend_method", "facecloak", "--fr_model", models, *METHODS[method], *args.cloak_options.split()]
     protected, masks, learned_from = {}, [], {}
     for person, names in people.items():
         others = [n for p, ns in people.items() if p != person for n in ns]
@@ -165,16 +171,24 @@ def protect(method: str, args: argparse.Namespace, output: Path, people: dict[st
 def apply_seconds(masks: list[Path], people: dict[str, list[str]], original: dict[str, Path],
                   device: torch.device) -> tuple[list[float], list[float]]:
     """Wall-clock and CPU seconds to apply each person's saved mask to each of their full-size probe photos
-    (detection included, at main_defend.py's default --max_size; the detector is loaded and warmed up first)."""
+    (detection included, at main_defend.py's default --max_size; the detector is loaded and warmed up first). On CUDA
+    the clock stops once the device has finished."""
     cloak = FaceCloak(detector=FaceDetector())
     wall, cpu = [], []
+
+    def finished() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for mask, names in zip(masks, people.values()):
         cloak.use(IdentityMask.load(mask))
         cloak.cloak(pil_to_tensor(load_image(original[names[0]])).to(device))  # warm-up
         for name in names[1:]:
             x = pil_to_tensor(load_image(original[name])).to(device)
+            finished()
             start, start_cpu = time.perf_counter(), time.process_time()
             cloak.cloak(x)
+            finished()
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
     return wall, cpu
@@ -200,12 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for method in methods:
         protected[method], learned[method], learned_from[method] = protect(method, args, output, people, photos_dir)
 
-    attacked = args.fr_model.split(",")[0]
-    models, detector = face_models(f"{args.judge},{attacked}", device)
+    models, detector = face_models(f"{args.judge},{args.fr_model.split(',')[0]}", device)
+    if len(models) != 2:
+        raise UserError("--judge must be another face model than the attacked one")
+    judged, attacked = models  # by the models' own names
     gallery, _ = load_gallery(photos_dir, models, detector)
     probes = Probes(gallery, models, detector)
     autoencoder = as_autoencoder(load_autoencoder(args.vae, "", device, torch.float32))
-    judge = FaceSimilarity(models[args.judge])
+    judge = FaceSimilarity(models[judged])
     names = sorted(protected[methods[0]])
     clean = torch.cat([pil_to_tensor(load_image(photos_dir / f"{n}.png")) for n in names]).to(device)
     judge.add_sources(names, clean)
@@ -233,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "seconds_to_learn": statistics.mean(learn) if learn else float("nan"),
                **{f"learned_from_{r['model']}_top1": r["top1"] for r in own}}
         rows.append(row)
-        print(f"  {method:>20}: held-out top-1 PSR {row[f'{args.judge}_top1']:.0%}", flush=True)
+        print(f"  {method:>20}: held-out top-1 PSR {row[f'{judged}_top1']:.0%}", flush=True)
     write_csv(rows, output / "facecloak.csv")
     write_csv(per_probe, output / "facecloak_per_probe.csv")
     write_json({"parameters": vars(args), "probes": names, "thresholds": gallery.thresholds},
@@ -241,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = names[:4]
     sheet = grid(["photo", *methods[1:]], [(n, [protected[m][n] for m in methods]) for n in shown], size=160)
     atomic_write(output / "grid.png", lambda tmp: sheet.save(tmp, format="PNG"))
-    text = report(rows, args, attacked, gallery, len(names))
+    text = report(rows, args, judged, attacked, gallery, len(names))
     atomic_write(output / "facecloak.md", lambda tmp: tmp.write_text(text))
     print(text)
     print(f"tables, CSV and grid in {output}")
@@ -257,14 +273,13 @@ def per_photo_seconds(method: str, output: Path) -> float:
     return statistics.mean(seconds) if seconds else 0.0
 
 
-def report(rows: list[dict], args: argparse.Namespace, attacked: str, gallery, probes: int) -> str:
+def report(rows: list[dict], args: argparse.Namespace, judge: str, attacked: str, gallery, probes: int) -> str:
     def pct(v: float) -> str:
         return "n/a" if math.isnan(v) else f"{v:.0%}"
 
     def num(v: float, digits: int) -> str:
         return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
 
-    judge = args.judge
     lines = [f"{probes} probes (new photos), each identified among {len(gallery.keys) - 1} clean photos of "
              f"{len(set(gallery.identities))} people (its own left out); attacked: {args.fr_model}, held out: "
              f"{judge}; base budget {args.attack_budget} ({args.attack_budget * 127.5:.1f}/255). PSR: share of "

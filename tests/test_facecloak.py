@@ -285,6 +285,43 @@ def test_facecloak_defaults_are_the_paper_s_and_its_options_are_checked(tmp_path
         defend.load_mask(tmp_path / "m.safetensors")
 
 
+def test_the_facecloak_benchmark_bookkeeping(tmp_path, tiny_vae_dir, detector, capsys):
+    import csv
+
+    from evaluation import benchmark_facecloak
+
+    faces = tmp_path / "faces"
+    for person, seeds in (("ann", (1, 2)), ("bob", (3, 4)), ("cid", (5,))):
+        for k, seed in enumerate(seeds):
+            (faces / person).mkdir(parents=True, exist_ok=True)
+            write_photo(faces / person / f"p{k}.jpg", size=(120, 90), seed=seed)
+    models = {}
+    for name in ("judge", "attacked"):
+        models[name] = export_tiny_onnx_face_model(tmp_path / name)
+        card = json.loads((tmp_path / name / "model.json").read_text())
+        (tmp_path / name / "model.json").write_text(json.dumps({**card, "name": name}))
+    out = tmp_path / "out"
+    argv = ["--faces", str(faces), "--output", str(out), "--methods", "none,noise,facecloak,facecloak+facelock",
+            "--size", "64", "--fr_model", str(models["attacked"]), "--judge", str(models["judge"]), "--vae",
+            str(tiny_vae_dir), "--cloak_options", "--num_iters 1 --variations 0", "--facelock_iters", "2",
+            "--device", "cpu"]
+    assert benchmark_facecloak.main(argv) == 0
+    with (out / "facecloak.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["none", "noise", "facecloak", "facecloak+facelock"]
+    assert [float(rows[m]["linf_255"]) for m in rows] == [0, 8, 8, 8]  # the mask and FaceLock at 4/255 each
+    assert float(rows["facecloak"]["seconds_to_learn"]) > 0 and float(rows["facecloak"]["seconds_per_photo"]) > 0
+    assert all(0 <= float(r[f"{m}_{k}"]) <= 1 for r in rows.values() for m in ("judge", "attacked")
+               for k in ("top1", "top5", "verification"))
+    for person in ("ann", "bob"):  # cid has one photo: in the gallery, never a probe
+        assert (out / "masks" / "facecloak" / person / "budget_0.0628" / main_defend.MASK_FILE).is_file()
+    assert "| facecloak |" in (out / "facecloak.md").read_text() and (out / "grid.png").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
+    assert benchmark_facecloak.main(argv) == 0  # resumes: nothing learned or protected again
+    assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
+    capsys.readouterr()
+
+
 # ------------------------------------------------------------------------------------------ real models
 
 def test_a_mask_learned_from_one_real_photo_hides_it_and_moves_the_person_s_other_photos(assets):
