@@ -1,6 +1,7 @@
 """Protect one face photo against diffusion editing.
 
     python defend.py --input_path photo.jpg --defend_method facelock [--output_path photo_protected.png]
+    python defend.py --web      # a page in the browser instead (evaluation/web.py)
 
 Writes a lossless PNG of the input's size that differs from it by at most the budget (after 8-bit rounding).
 `main_defend.py` does the same for a folder. Run with `--help` for the methods and every option.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +27,7 @@ from evaluation.metrics.psnr import psnr
 from evaluation.walker import photos_under
 from methods.facecloak import FOCUS, FaceCloak, IdentityMask
 from methods.faces import FaceDetector, NoFaceError
+from methods.placement import Placement, face_region, paste, place, work_image
 from methods.transforms import EOT_TRANSFORMS, eot_transform
 from utils import (
     EDITOR_ID_HELP,
@@ -44,7 +48,6 @@ from utils import (
     pick_dtype,
     pil_to_tensor,
     png_output,
-    protect_tensor,
     quantize_within,
     run_script,
     save_png,
@@ -57,9 +60,10 @@ DEFAULTS = dict(
     target_model="instruct-pix2pix", model_id=None, vae=None,
     attack_budget=0.03, step_size=0.01, num_iters=100, targeted=None, c=0.03, lr=0.03,
     fr_model="facenet", fr_combine="mean", faces="largest", allow_no_face=False, lpips="vgg", target_fr=None,
-    eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0,
-    device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False, seed=0,
-    max_size=1024, overwrite=False,
+    eot=None, eot_samples=1, momentum=0.0, input_diversity=0.0, ti_kernel=0, schedule="linear",
+    device="auto", dtype="auto", memory_format="channels_last", vae_tiling=False, compile=False,
+    cudnn_benchmark=False, deterministic=False, seed=0,
+    max_size=1024, region="full", bucket=8, overwrite=False,
     mask=None, gallery=None, focus="none", sticker_budget=0.251, highpass_budget=0.251, variations=8,
     mask_size=112, arc2face=0,
 )
@@ -93,7 +97,9 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--preset", choices=list(PRESETS), default="official", help=PRESET_HELP)
     method.add_argument("--attack_budget", type=float,
                         help="L-infinity budget in [-1, 1] pixel units (0.03 is about 3.8/255)")
-    method.add_argument("--step_size", type=float, help="PGD step size, decaying linearly to 1/100 of it")
+    method.add_argument("--step_size", type=float, help="PGD step size, decaying to 1/100 of it (see --schedule)")
+    method.add_argument("--schedule", choices=["linear", "cosine", "constant"],
+                        help="PGD methods: how the step decays over the iterations (linear: the official code's)")
     method.add_argument("--num_iters", type=int, help="attack iterations")
     method.add_argument("--targeted", dest="targeted", action="store_const", const=True,
                         help="targeted attack (encoder: toward the zero latent; the encoder's default)")
@@ -119,8 +125,9 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--vae", help="attack this autoencoder instead of the editor's (hub id or local folder, "
                                       "e.g. madebyollin/taesd)")
     models.add_argument("--fr_model", help="face recognition for facelock: facenet, sface, mobilefacenet, mobileface, "
-                                           "adaface or a path to an .onnx face model; a comma-separated list attacks "
-                                           "them together (e.g. sface,mobileface)")
+                                           "adaface (runs Python code from its hub repository, at a pinned revision) "
+                                           "or a path to an .onnx face model; a comma-separated list attacks them "
+                                           "together (e.g. sface,mobileface)")
     models.add_argument("--fr_combine", choices=["mean", "max"],
                         help="with several --fr_model: attack their mean similarity, or per image the highest "
                              "(the hardest model)")
@@ -141,8 +148,20 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the autoencoder tile by tile, so large photos fit a small GPU")
     models.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the models (opt-in: compiling takes minutes; measure before relying on it)")
+    models.add_argument("--cudnn_benchmark", action="store_true", default=None,
+                        help="CUDA: let cuDNN pick the fastest convolution per image size (pays off over a folder "
+                             "whose photos share size buckets)")
+    models.add_argument("--deterministic", action="store_true", default=None,
+                        help="CUDA: deterministic kernels only, so a rerun gives the same bits (slower)")
     models.add_argument("--max_size", type=int,
                         help="attack larger photos at this long side and resize the perturbation back (0: never)")
+    models.add_argument("--region", choices=["full", "face"],
+                        help="attack the whole photo, or only a square around its face(s) with a margin (faster; the "
+                             "rest of the photo is left untouched; not with facecloak, whose mask covers the faces "
+                             "alone)")
+    models.add_argument("--bucket", type=int,
+                        help="pad each photo's work image to a multiple of this many pixels (a multiple of 8); "
+                             "photos of one bucket are batched together, with the same result as alone")
     cloak = parser.add_argument_group("facecloak")
     cloak.add_argument("--mask", help="apply this identity mask (a .safetensors file learned earlier) instead of "
                                       "learning one: no optimisation, a fraction of a second per photo")
@@ -180,6 +199,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
         parser.error(f"--attack_budget must be in (0, {MAX_BUDGET}] ([-1, 1] units), got {args.attack_budget}")
     if args.step_size <= 0 or args.num_iters < 1 or args.max_size < 0 or args.eot_samples < 1:
         parser.error("--step_size must be > 0, --num_iters and --eot_samples >= 1 and --max_size >= 0")
+    if args.bucket < 8 or args.bucket % 8:
+        parser.error(f"--bucket must be a multiple of 8, got {args.bucket}")
     if args.momentum < 0 or not 0 <= args.input_diversity <= 1 or (args.ti_kernel and args.ti_kernel % 2 == 0) \
             or args.ti_kernel < 0:
         parser.error("--momentum must be >= 0, --input_diversity in [0, 1] and --ti_kernel 0 or odd")
@@ -196,11 +217,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
                      "--mask_size a multiple of 112")
     if (args.mask or args.gallery) and args.defend_method != "facecloak":
         parser.error("--mask and --gallery are options of --defend_method facecloak")
+    if args.defend_method == "facecloak" and args.region == "face":
+        parser.error("--region face is not for facecloak: its mask is warped onto the faces themselves and the rest "
+                     "of the photo is left untouched anyway")
     return args
 
 
 def budget_in_255(budget: float) -> str:
     return f"{budget} ({budget * 127.5:.1f}/255)"
+
+
+def configure_backends(args: argparse.Namespace) -> None:
+    """torch's global switches for --cudnn_benchmark and --deterministic."""
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark) and not args.deterministic
 
 
 def build_attack(args: argparse.Namespace, device: torch.device, progress: bool = True) -> methods.Attack:
@@ -238,7 +271,7 @@ def build_attack(args: argparse.Namespace, device: torch.device, progress: bool 
         detector=FaceDetector(keep=args.faces), mask=load_mask(args.mask) if args.mask else None,
         focus=[] if args.focus == "none" else args.focus.split(","), sticker_budget=args.sticker_budget,
         highpass_budget=args.highpass_budget, variations=args.variations, mask_size=args.mask_size,
-        max_size=args.max_size,
+        max_size=args.max_size, schedule=args.schedule,
     )
 
 
@@ -310,9 +343,16 @@ def mask_provenance(mask: IdentityMask, path: Path) -> dict:
     return {"path": str(path), "sha256": digest, **mask.info}
 
 
+#: Compiled graphs kept per network: one per size bucket (and batch size) of a folder, compiled once and reused.
+COMPILED_SHAPES = 64
+
+
 def compile_models(components: dict) -> None:
     """torch.compile the networks that do the work: the autoencoder's encoder and decoder, the face network and
-    LPIPS' backbone."""
+    LPIPS' backbone. Shapes are static; each new size bucket is compiled once and kept (up to `COMPILED_SHAPES`)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILED_SHAPES)
     networks = []
     if "autoencoder" in components:
         networks += [components["autoencoder"].encoder, components["autoencoder"].decoder]
@@ -321,7 +361,7 @@ def compile_models(components: dict) -> None:
     if components.get("perceptual") is not None:
         networks.append(components["perceptual"].lpips.net)
     for network in networks:
-        network.compile()
+        network.compile(dynamic=False)
 
 
 def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
@@ -348,29 +388,64 @@ def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
     return ", ".join(parts)
 
 
+def placements(images: Sequence[Image.Image], args: argparse.Namespace, attack: methods.Attack) -> list[Placement]:
+    """Where each image is attacked (`--region`), at what size (`--max_size`) and padding (`--bucket`). A face region
+    is found with the attack's own detector where it has one; an image without a face is attacked whole (FaceLock
+    then refuses it unless --allow_no_face). FaceCloak's mask goes onto the whole photo at its own size (its
+    detector looks at a copy at most --max_size long)."""
+    if isinstance(attack, FaceCloak):
+        return [place(image.size, None, 0, args.bucket) for image in images]
+    detector = None
+    if args.region == "face":
+        face = getattr(attack, "face", None)
+        detector = face.detector if face is not None else FaceDetector(keep=args.faces)
+    result = []
+    for image in images:
+        box = face_region(image, detector) if detector is not None else None
+        result.append(place(image.size, box, args.max_size, args.bucket))
+    return result
+
+
 def protect_images(attack: methods.Attack, images: Sequence[Image.Image], seeds: Sequence[int],
-                   device: torch.device, max_size: int) -> list[tuple[np.ndarray, dict]]:
-    """Protect same-size images in one batch; each image's random start comes from its own seed. Returns the
-    8-bit protected images and their statistics (L-infinity in 1/255, PSNR in dB, seconds)."""
+                   device: torch.device, where: Sequence[Placement]) -> list[tuple[np.ndarray, dict]]:
+    """Protect images whose placements share one padded size, in one batch; each image's random start comes from
+    its own seed. Returns the 8-bit protected images and their statistics (L-infinity in 1/255, PSNR in dB,
+    seconds)."""
     start = time.perf_counter()
-    x = torch.cat([pil_to_tensor(image) for image in images]).to(device)
-    if isinstance(attack, FaceCloak):  # a budget per pixel: the warped budget map of the mask
-        protected, budgets = attack.cloak(x)
-        budgets = budgets.permute(0, 2, 3, 1).cpu().numpy()
+    x = torch.cat([work_image(image, placement) for image, placement in zip(images, where)]).to(device)
+    if isinstance(attack, FaceCloak):
+        results = cloak_images(attack, images, seeds, x, where)
     else:
-        protected = protect_tensor(attack, x, [cpu_generator(s) for s in seeds], max_size=max_size)
-        budgets = [attack.eps] * len(images)
+        delta = attack(x, [cpu_generator(s) for s in seeds]) - x
+        results = []
+        for image, placement, change, seed in zip(images, where, delta, seeds):
+            out, stats = paste(image, placement, change, attack.eps)
+            if stats["linf_255"] > attack.eps * 127.5:
+                raise AssertionError(f"budget broken after rounding: {stats['linf_255']}/255 > "
+                                     f"{attack.eps * 127.5:.2f}/255")
+            results.append((out, {"seed": seed, "linf_255": stats["linf_255"], "psnr": round(stats["psnr"], 3),
+                                  "region": list(placement.box)}))
     seconds = (time.perf_counter() - start) / len(images)
+    return [(out, {**stats, "seconds": round(seconds, 3)}) for out, stats in results]
+
+
+def cloak_images(attack: FaceCloak, images: Sequence[Image.Image], seeds: Sequence[int], x: torch.Tensor,
+                 where: Sequence[Placement]) -> list[tuple[np.ndarray, dict]]:
+    """FaceCloak's mask warped onto the work images `x` (whole photos, never scaled; see `placements`): each pixel
+    of the 8-bit result within its own budget, the warp of the mask's budget map, checked after rounding."""
+    protected, budgets = attack.cloak(x)
     results = []
-    for image, adv, seed, eps in zip(images, protected, seeds, budgets):
-        clean = np.asarray(image)
-        out = quantize_within(adv, clean, eps)
+    for image, placement, adv, budget, seed in zip(images, where, protected, budgets, seeds):
+        width, height = image.size
+        clean, eps = np.asarray(image), budget[:, :height, :width].permute(1, 2, 0).cpu().numpy()
+        out = quantize_within(adv[:, :height, :width], clean, eps)
         distance = linf_255(out, clean)
         if distance > attack.eps * 127.5 or (np.abs(out.astype(np.int64) - clean) > budget_levels(eps)).any():
-            raise AssertionError(f"budget broken after rounding: {distance}/255 > {attack.eps * 127.5:.2f}/255")
+            raise AssertionError(f"budget broken after rounding: {distance}/255 > {attack.eps * 127.5:.2f}/255 or "
+                                 f"above the mask's budget map")
         quality = psnr(pil_to_tensor(Image.fromarray(out)), pil_to_tensor(image)).item()
         results.append((out, {"seed": seed, "linf_255": distance, "psnr": round(quality, 3),
-                              "seconds": round(seconds, 3)}))
+                              "region": list(placement.box)}))
     return results
 
 
@@ -379,11 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_path", required=True, help="the photo to protect")
     parser.add_argument("--output_path", help="where to write the protected PNG (default: <input>_protected.png "
                                               "beside the input)")
+    parser.add_argument("--web", action="store_true", help="start the web page on http://127.0.0.1:7860 instead "
+                                                           "(python -m evaluation.web --help: its options)")
     add_protection_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--web" in argv:
+        from evaluation import web
+
+        return web.main([a for a in argv if a != "--web"])
     args = parse_args(build_parser(), argv)
 
     source = Path(args.input_path)
@@ -399,13 +481,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if learning and mask_path.exists() and not args.overwrite:
         raise UserError(f"{mask_path} exists; apply it with --mask {mask_path}, or pass --overwrite to learn anew")
     device = pick_device(args.device)
+    configure_backends(args)
     attack = build_attack(args, device)
     print(f"protecting {source} ({image.width}x{image.height}) with {describe_attack(args, attack)} on {device}")
     seed = derive_seed(args.seed, source.stem)
     try:
         if learning:
             learn_mask(args, attack, [source], mask_path)
-        (protected, stats), = protect_images(attack, [image], [seed], device, args.max_size)
+        (protected, stats), = protect_images(attack, [image], [seed], device, placements([image], args, attack))
     except NoFaceError:
         raise UserError(f"{source}: no face found ({no_face_hint(args.defend_method)})") from None
     save_png(protected, output)

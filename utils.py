@@ -8,6 +8,7 @@ like `../shared/assets/`, used where the Hugging Face hub cannot be reached).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -15,23 +16,25 @@ import os
 import sys
 import tempfile
 import warnings
-from importlib import metadata
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
+HEIF_EXTENSIONS = (".heic", ".heif")
 MIN_SIDE = 64
-#: PIL's own decompression-bomb limit; larger files are refused rather than decoded.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+#: The largest photo accepted, in pixels (today's phones take up to 200 megapixels); larger files are refused
+#: before they are decoded. It replaces Pillow's decompression-bomb limit (89 megapixels) for this project's reads.
+MAX_PIXELS = 250_000_000
 ASSETS_ENV = "FACELOCK_ASSETS"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 #: Models with a copy in a FACELOCK_ASSETS folder, by name.
 LOCAL_COPIES = {
     "madebyollin/taesd": "models/taesd",
@@ -44,9 +47,6 @@ EDITOR_IDS = {"instruct-pix2pix": "timbrooks/instruct-pix2pix",
               "stable-diffusion": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 EDITOR_ID_HELP = (f"Hugging Face id or folder of the editor (default: {EDITOR_IDS['instruct-pix2pix']}, or "
                   f"{EDITOR_IDS['stable-diffusion']} for stable-diffusion)")
-SFACE_URL = "https://github.com/opencv/opencv_zoo/raw/main/models/face_recognition_sface/face_recognition_sface_2021dec.onnx"
-VERSIONED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "facenet-pytorch", "lpips", "onnx2torch",
-                      "accelerate", "numpy", "pillow", "scikit-image")
 
 
 #: The 25 editing instructions of the FaceLock paper's code, verbatim (typos included: they drive the metrics).
@@ -107,6 +107,8 @@ class ModelUnavailable(UserError):
 def run_script(main: Callable[[], int]) -> None:
     """Run a script's `main`, turning a `UserError` into one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # onnx2torch's converted Slice indexes with a list on every call; torch warns each time, which floods the output
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
     for noisy in ("httpx", "httpcore", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -122,7 +124,8 @@ def run_script(main: Callable[[], int]) -> None:
 # ------------------------------------------------------------------------------------------------- images
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB with its EXIF orientation applied.
+    """Open an image file (PNG, JPEG, WebP, BMP, TIFF, HEIC/HEIF, ...) as 8-bit RGB with its EXIF orientation
+    applied.
 
     Grayscale and palette images become RGB, transparency is composited onto white, 16-bit and float images are
     scaled to 8 bits. Raises `InputError` for a missing, unreadable, truncated, too small or too large file.
@@ -130,12 +133,16 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow then refuses (warns, made an error here) beyond this project's limit
+    if not read_heif() and path.suffix.lower() in HEIF_EXTENSIONS:
+        raise InputError(f"{path}: HEIC/HEIF photos need the pillow-heif package (pip install -r requirements.txt)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 opened.load()
-                image = ImageOps.exif_transpose(opened)
+                ImageOps.exif_transpose(opened, in_place=True)  # in place: a huge photo is not copied
+                image = opened
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"{path}: image too large (over {MAX_PIXELS / 1e6:.0f} megapixels)") from None
     except UnidentifiedImageError:
@@ -147,7 +154,22 @@ def load_image(path: str | Path) -> Image.Image:
     return to_rgb8(image)
 
 
+@functools.cache
+def read_heif() -> bool:
+    """Teach Pillow to open HEIC/HEIF photos (what phones take) with pillow-heif, once, when the first image is
+    opened; False where pillow-heif is not installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
 def to_rgb8(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB (itself, not a copy, where it already is)."""
+    if image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -206,6 +228,8 @@ def batches_by_size(items: list, size_of: Callable[[Any], Any], batch_size: int)
 def image_size(path: str | Path) -> tuple[int, int]:
     """The (width, height) `load_image` will give, read from the file's header alone (EXIF orientation applied);
     (0, 0) for a file that cannot be opened, which `load_image` then explains."""
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    read_heif()
     try:
         with Image.open(path) as image:
             turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
@@ -243,6 +267,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # the mode of a file written normally, not mkstemp's owner-only one
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -251,8 +276,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
-def save_png(array: np.ndarray, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: Image.fromarray(array, "RGB").save(tmp, format="PNG"))
+#: zlib level of the PNGs written: 1 writes a perturbed photo about 3 times faster than Pillow's default 6, for files
+#: about 13 % larger (`python -m evaluation.benchmark_speed` measures it).
+PNG_LEVEL = 1
+
+
+def save_png(array: np.ndarray, path: str | Path, level: int = PNG_LEVEL) -> None:
+    atomic_write(path, lambda tmp: Image.fromarray(array, "RGB").save(tmp, format="PNG", compress_level=level))
 
 
 def write_json(obj: Any, path: str | Path) -> None:
@@ -285,91 +315,6 @@ def png_output(source: Path, output_path: str | None, default_name: str, why: st
     if same_file(source, output):
         raise UserError(f"{output} is the input; choose another --output_path")
     return output
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0]}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-class BatchRun:
-    """The bookkeeping of a batch job, which `accelerate launch` or `torchrun` may split between processes.
-
-    Each process records its outputs and failures in its own manifest part as it goes, so an interrupted run
-    keeps what it did; the main process merges the parts into `manifest.json` at the end. A folder holding results
-    made with different `defining` parameters is refused, unless `overwrite`.
-    """
-
-    def __init__(self, folder: Path, parameters: dict, defining: Sequence[str], overwrite: bool, cpu: bool) -> None:
-        from accelerate import PartialState
-
-        self.state = PartialState(cpu=cpu)  # with cpu=True, CPU processes (e.g. under torchrun) talk over gloo
-        self.folder = folder
-        earlier = self._read()
-        # a parameter missing from an earlier manifest was added later, with a default that keeps the old behaviour
-        changed = [k for k in defining
-                   if earlier.get("parameters") and earlier["parameters"].get(k, parameters[k]) != parameters[k]]
-        if changed and not overwrite:
-            before = ", ".join(f"--{k} {earlier['parameters'].get(k)}" for k in changed)
-            raise UserError(f"{folder} holds results made with {before}; use another output folder or --overwrite")
-        self.manifest = {"parameters": parameters, "versions": package_versions(),
-                         "outputs": {} if overwrite else earlier.get("outputs", {}), "failed": {}}
-        multi = self.state.num_processes > 1
-        self.part = folder / (f"manifest.part{self.state.process_index}.json" if multi else "manifest.json")
-
-    @property
-    def is_main(self) -> bool:
-        return self.state.is_main_process
-
-    def mine(self, work: list) -> list:
-        """This process's share of `work`."""
-        return work[self.state.process_index::self.state.num_processes]
-
-    def record(self, key: str, entry: dict) -> None:
-        self.manifest["outputs"][key] = entry
-
-    def fail(self, key: str, reason: str) -> None:
-        self.manifest["failed"][key] = reason
-
-    def save(self) -> None:
-        write_json(self.manifest, self.part)
-
-    def finish(self) -> dict | None:
-        """Wait for every process; on the main process merge the parts and return the whole manifest."""
-        self.save()
-        self.state.wait_for_everyone()
-        if not self.is_main:
-            return None
-        for part in sorted(self.folder.glob("manifest.part*.json")):
-            other = json.loads(part.read_text())
-            self.manifest["outputs"].update(other["outputs"])
-            self.manifest["failed"].update(other["failed"])
-        write_json(self.manifest, self.folder / "manifest.json")
-        for part in self.folder.glob("manifest.part*.json"):
-            part.unlink()
-        return self.manifest
-
-    def report(self, counts: str, folder: Path) -> int:
-        """Print the run's counts and every failure; the exit status is 1 if anything failed."""
-        failed = self.manifest["failed"]
-        print(f"{counts}, failed {len(failed)}; outputs and manifest.json in {folder}")
-        for key, reason in sorted(failed.items()):
-            print(f"  failed: {key}: {reason}")
-        return 1 if failed else 0
-
-    def _read(self) -> dict:
-        merged: dict = {}
-        for path in [self.folder / "manifest.json", *sorted(self.folder.glob("manifest.part*.json"))]:
-            if path.is_file():
-                data = json.loads(path.read_text())
-                merged.setdefault("parameters", data.get("parameters"))
-                merged.setdefault("outputs", {}).update(data.get("outputs", {}))
-        return merged
 
 
 # --------------------------------------------------------------------------------------- seeds, devices
@@ -421,20 +366,28 @@ def _offline_hint(name: str) -> str:
 def load_pretrained(load: Callable[..., Any], name: str, what: str, marker: str = "config.json",
                     subfolder: str | None = None, **kwargs: Any) -> Any:
     """`load(source, ...)` for a diffusers/transformers `from_pretrained`, where `name` is a local folder, a model
-    with a FACELOCK_ASSETS copy, or a hub id (the hub cache is tried before the network). Raises
+    with a FACELOCK_ASSETS copy, or a hub id (the hub cache is tried before the network), loaded at its pinned
+    revision (`methods.downloads.HUB_REVISIONS`) or at the one named as `org/name@revision`. Raises
     `ModelUnavailable` naming `what` and how to get it offline."""
+    from methods.downloads import split_revision
+
     source = local_copy(name) or name
     if Path(source).is_dir():
         location = Path(source) / (subfolder or "")
         if not (location / marker).is_file():
             raise ModelUnavailable(f"{location} has no {marker}; it is not a folder holding {what}")
         return load(str(location), **kwargs)
+    repo, revision = split_revision(str(source))
+    if revision:
+        kwargs["revision"] = revision
+    else:
+        logger.warning("%s is not pinned to a revision: loading the current one (pin it as %s@<commit>)", repo, repo)
     reason = ""
     if subfolder:
         kwargs["subfolder"] = subfolder
     for local_only in (True, False):
         try:
-            return load(str(source), local_files_only=local_only, **kwargs)
+            return load(repo, local_files_only=local_only, **kwargs)
         except (OSError, ValueError) as error:
             reason = str(error).splitlines()[0]
     raise ModelUnavailable(f"cannot load {what} ({reason}); {_offline_hint(name)}")
@@ -491,17 +444,18 @@ def _load_face_embedder(spec: str) -> torch.nn.Module:
 
 
 def _download_onnx_face(name: str) -> Path:
-    """SFace from the OpenCV model zoo, cached under torch's hub folder with its `model.json`."""
+    """SFace from the OpenCV model zoo at a pinned commit, checked against its SHA-256 and cached under torch's hub
+    folder with its `model.json`."""
+    from methods.downloads import SFACE, fetch
+
     if name != "sface":
         raise FileNotFoundError(f"{name} has no public download; set {ASSETS_ENV} to a folder holding "
                                 f"{LOCAL_COPIES[name]} or pass the .onnx path to --fr_model")
     folder = Path(torch.hub.get_dir()) / "facelock" / name
-    path = folder / "model.onnx"
-    if not path.is_file():
-        logger.info("downloading %s to %s", SFACE_URL, path)
-        atomic_write(path, lambda tmp: torch.hub.download_url_to_file(SFACE_URL, str(tmp), progress=True))
+    path = fetch(SFACE, folder / "model.onnx")
+    if not (folder / "model.json").is_file():
         write_json({"name": "sface", "input_size": [112, 112], "input_range": [0, 255], "channel_order": "RGB",
-                    "alignment": "arcface", "source": SFACE_URL}, folder / "model.json")
+                    "alignment": "arcface", "source": SFACE.url, "sha256": SFACE.sha256}, folder / "model.json")
     return path
 
 
@@ -515,24 +469,3 @@ def load_perceptual(spec: str, device: torch.device) -> torch.nn.Module | None:
         return load_lpips_vgg().to(device)
     except FileNotFoundError as error:
         raise ModelUnavailable(str(error)) from None
-
-
-# --------------------------------------------------------------------------------------------- protect
-
-def protect_tensor(attack: Callable, x: torch.Tensor, generators: list[torch.Generator], max_size: int = 0,
-                   multiple: int = 8) -> torch.Tensor:
-    """Run `attack` on images of any size: padded (edge pixels repeated) to a multiple of `multiple` for the
-    autoencoder, and, where the long side exceeds `max_size` (0: never), attacked at that size with the
-    perturbation resized back. Returns the protected batch at the input's size, within the attack's budget."""
-    height, width = x.shape[-2:]
-    scale = max_size / max(height, width) if max_size and max(height, width) > max_size else 1.0
-    work = x
-    if scale < 1:
-        size = (max(round(height * scale), 1), max(round(width * scale), 1))
-        work = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
-    h, w = work.shape[-2:]
-    padded = F.pad(work, (0, -w % multiple, 0, -h % multiple), mode="replicate")
-    delta = (attack(padded, generators) - padded)[..., :h, :w]
-    if scale < 1:
-        delta = F.interpolate(delta, size=(height, width), mode="bilinear", align_corners=False)
-    return (x + delta.clamp(-attack.eps, attack.eps)).clamp(-1, 1)

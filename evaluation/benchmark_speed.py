@@ -1,7 +1,9 @@
 """Speed and memory of protection, measured: seconds per iteration of every method, the levers behind the
-defaults, the speed-up over the official code's loop, memory across iterations, and FaceLock end to end.
+defaults, the speed-up over the official code's loop, memory across iterations, FaceLock end to end, the time until
+a photo reaches the official schedule's protection, the face region against the whole photo, PNG levels, and (on
+CUDA) a folder's throughput by batch size, bucket and compilation.
 
-    python -m evaluation.benchmark_speed [--sizes 256 512] [--repeats 3] [--output speed.md]
+    python -m evaluation.benchmark_speed [--sizes 256 512] [--repeats 3] [--sections time,region] [--output speed.md]
 
 Models: the full Stable Diffusion 1.5 VAE architecture with random weights (timing does not depend on the
 weights), TAESD and the face models (real weights: FACELOCK_ASSETS offline, else the hub), LPIPS-VGG with a random
@@ -24,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
@@ -32,17 +35,26 @@ from PIL import Image
 import methods
 from methods.autoencoder import as_autoencoder
 from methods.base import frozen, uniform_noise
+from methods.faces import FaceDetector
 from methods.perceptual import LPIPSDistance
+from methods.placement import face_region, paste, place, work_image
 from utils import (
+    PNG_LEVEL,
+    UserError,
     atomic_write,
     cpu_generator,
     load_autoencoder,
     load_face_identity,
     load_image,
     pil_to_tensor,
-    protect_tensor,
     run_script,
+    save_png,
 )
+
+from . import time_to_protection
+from .benchmark_protection import face_crop
+from .calibration import default_faces
+from .walker import photos_under
 
 PHOTO = Path(__file__).resolve().parents[1] / "assets" / "astronaut.png"
 #: diffusers' AutoencoderKL config of Stable Diffusion 1.5 (the VAE InstructPix2Pix uses too).
@@ -51,6 +63,9 @@ SD15_VAE = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512], down_blo
                 layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
 SCHEDULE = 100
 AUTOENCODERS = ("SD 1.5 VAE", "TAESD")
+#: What the benchmark measures, in order; `--sections` picks a subset. `throughput` runs on CUDA only.
+SECTIONS = ("iteration", "components", "levers", "reference", "end_to_end", "memory", "time", "region", "png",
+            "throughput")
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -248,6 +263,262 @@ def protection(protected: torch.Tensor, x: torch.Tensor, device: torch.device, f
     return [f"{model(round_trip, model.reference(x)).item():.3f}" for model in (face, judge)]
 
 
+# ---------------------------------------------------------------------------------------------- sections
+
+def per_iteration(args: argparse.Namespace, names: Sequence[str], device: torch.device) -> list[list]:
+    rows = []
+    for ae_name in AUTOENCODERS:
+        for size in args.sizes:
+            for name in names:
+                seconds, peak = in_fresh_process(time_method, name, ae_name, size, str(device), args.repeats,
+                                                 args.fr_model)
+                rows.append([name, ae_name, size, f"{seconds:.3f}", f"{peak:.0f}"])
+                print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def components(args: argparse.Namespace, device: torch.device, face, lpips_net) -> list[list]:
+    rows = []
+    for size in args.sizes:
+        x = photo(size, device)
+        rows.append([f"face detection (MTCNN), {size} px photo",
+                     f"{median_seconds(lambda: face.reference(x), device, args.repeats):.3f}"])
+        with frozen(face, lpips_net):
+            with torch.no_grad():
+                faces, clean = face.reference(x), lpips_net.reference(x)
+            for label, fn in ((f"face crop + {args.fr_model}, {size} px photo", lambda y: face(y, faces)),
+                              (f"LPIPS-VGG, {size} px", lambda y: lpips_net(y, clean))):
+                def run(fn=fn) -> None:
+                    y = x.clone().requires_grad_(True)
+                    torch.autograd.grad(fn(y).sum(), [y])
+
+                rows.append([label, f"{median_seconds(run, device, args.repeats):.3f}"])
+    return rows
+
+
+def levers(args: argparse.Namespace, device: torch.device, face, x: torch.Tensor) -> list[list]:
+    settings = [("float32, contiguous", torch.float32, False), ("float32, channels_last", torch.float32, True),
+                ("bfloat16, channels_last", torch.bfloat16, True)]
+    if device.type == "cuda":
+        settings.append(("float16, channels_last", torch.float16, True))
+    rows = []
+    for label, lever_dtype, last in settings:
+        models = [autoencoder("SD 1.5 VAE", device, lever_dtype), random_lpips(device, lever_dtype)]
+        if last:
+            models = [channels_last(m) for m in models]
+        attack = methods.create("facelock", autoencoder=models[0], face=face, perceptual=models[1])
+        with frozen(*attack.modules()):
+            with torch.no_grad():
+                clean = attack.prepare(x)
+
+            def full_iteration() -> None:
+                x_adv = x.clone().requires_grad_(True)
+                torch.autograd.grad(attack.objective(x_adv, clean, SCHEDULE - 1).sum(), [x_adv])
+
+            rows.append([label, f"{median_seconds(full_iteration, device, args.repeats):.3f}"])
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def against_reference(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, face, lpips_net,
+                      x: torch.Tensor) -> tuple[float, float]:
+    """(this project's, the official loop's) seconds per iteration of FaceLock with the SD 1.5 VAE."""
+    attack = methods.create("facelock", autoencoder=channels_last(autoencoder("SD 1.5 VAE", device, dtype)),
+                            face=face, perceptual=lpips_net)
+    ours = seconds_per_iteration(attack, x, args.repeats)
+    naive = reference_seconds(x, face.to(memory_format=torch.contiguous_format), args.repeats)
+    face.to(memory_format=torch.channels_last)
+    return ours, naive
+
+
+def end_to_end(args: argparse.Namespace, device: torch.device, face, taesd) -> list[list]:
+    rows = []
+    for size in args.sizes:
+        x = photo(size, device)
+        attack = methods.create("facelock", autoencoder=taesd, face=face, perceptual=None)
+        run = lambda: attack(x, [cpu_generator(0)])  # noqa: E731
+        seconds = median_seconds(run, device, max(1, args.repeats - 1))
+        rows.append([f"{size}x{size}", f"{seconds:.1f}"])
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def memory_and_protection(args: argparse.Namespace, device: torch.device, face, emit: Callable[[str], None]) -> None:
+    size = min(args.sizes)
+    runs = {(loop, n): in_fresh_process(facelock_run, loop, size, n, str(device), args.fr_model, args.judge)
+            for loop in ("project", "official") for n in (10, SCHEDULE)}
+    emit(f"Peak memory of a process protecting one {size} px photo (MB), by number of iterations:")
+    emit()
+    emit(table(["loop", "10 iterations", "100 iterations", "ratio"], [
+        [loop, f"{runs[loop, 10][0]:.0f}", f"{runs[loop, SCHEDULE][0]:.0f}",
+         f"{runs[loop, SCHEDULE][0] / runs[loop, 10][0]:.2f}"] for loop in ("project", "official")]))
+    emit()
+    with torch.no_grad():
+        unprotected = protection(photo(size, device), photo(size, device), device, face,
+                                 load_face_identity(args.judge, device))
+    emit(f"Protection reached at {size} px after 100 iterations: FR similarity between the photo and its TAESD "
+         "round trip (lower is stronger):")
+    emit()
+    emit(table(["photo", f"{args.fr_model} (attacked)", f"{args.judge} (held out)"],
+               [["unprotected", *unprotected], ["protected, this project", *runs["project", SCHEDULE][1]],
+                ["protected, official loop", *runs["official", SCHEDULE][1]]]))
+    emit()
+
+
+def face_photos(args: argparse.Namespace, count: int) -> list[tuple[str, Image.Image]]:
+    """The first `count` photos of `--faces` (default FACELOCK_ASSETS/faces), by path."""
+    folder = Path(args.faces) if args.faces else default_faces()
+    return [(f"{p.parent.name}/{p.stem}", load_image(p)) for p in photos_under(folder)[:count]]
+
+
+def time_section(args: argparse.Namespace, device: torch.device, face, taesd, emit: Callable[[str], None]) -> None:
+    judge = load_face_identity(args.judge, device)
+    detector = FaceDetector()
+    photos = [pil_to_tensor(face_crop(image, 256, detector)).to(device) for _, image in face_photos(args, args.photos)]
+    build = lambda **options: methods.create("facelock", autoencoder=taesd, face=face, perceptual=None,  # noqa: E731
+                                             **options)
+    curves = time_to_protection.run(photos, build, taesd, face, judge, seeds=range(len(photos)))
+    emit(f"## {args_device(device)}: time to protection (FaceLock, TAESD + {args.fr_model}, 256 px face crops of "
+         f"{len(photos)} photos)")
+    emit()
+    emit(f"Seconds until the TAESD round trip's similarity to the photo, by {args.fr_model} (attacked) and "
+         f"{args.judge} (held out), is at or below what the official 100-iteration schedule reaches (medians over "
+         "photos; ratio: the official schedule's 100 iterations over the variant's time):")
+    emit()
+    emit(table(["loop", "photos reaching it", "iterations", "seconds", "speed-up"], time_to_protection.summary(curves)))
+    emit()
+    emit(f"Protection against time: mean similarity {args.judge} (held out) / {args.fr_model} (attacked) after that "
+         "many iterations (mean seconds):")
+    emit()
+    points = (10, 20, 40, 60, 80, 100)
+    emit(table(["loop", *map(str, points)], time_to_protection.table_of_curves(curves, points)))
+    emit()
+
+
+@torch.no_grad()
+def round_trip_similarity(ae, out: torch.Tensor, clean: torch.Tensor, models) -> list[float]:
+    round_trip = ae(out).float().clamp(-1, 1)
+    return [model(round_trip, model.reference(clean)).item() for model in models]
+
+
+def region_section(args: argparse.Namespace, device: torch.device, face, taesd, emit: Callable[[str], None]) -> None:
+    """FaceLock on whole portraits (512 px long side) against FaceLock on the square around the face, judged on the
+    round trip of the whole photo."""
+    judge, ae, rows, pairs = load_face_identity(args.judge, device), as_autoencoder(taesd), [], []
+    for name, image in face_photos(args, args.photos):
+        scale = min(1.0, 512 / max(image.size))
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+        clean = pil_to_tensor(image).to(device)
+        cells, values = [name, f"{image.width}x{image.height}"], []
+        for box in (None, face_region(image, face.detector)):
+            where = place(image.size, box)
+            x = work_image(image, where).to(device)
+            attack = methods.create("facelock", autoencoder=taesd, face=face, perceptual=None, allow_no_face=True)
+            start = time.perf_counter()
+            out, _ = paste(image, where, attack(x, [cpu_generator(0)])[0] - x[0], attack.eps)
+            seconds = time.perf_counter() - start
+            held, white = round_trip_similarity(ae, pil_to_tensor(Image.fromarray(out)).to(device), clean,
+                                                (judge, face))
+            values.append(held)
+            cells += [f"{where.work[0]}x{where.work[1]}", f"{held:.3f}", f"{white:.3f}", f"{seconds:.0f}"]
+        unprotected, _ = round_trip_similarity(ae, clean, clean, (judge, face))
+        rows.append(cells + [f"{unprotected:.3f}"])
+        pairs.append(values[1] - values[0])
+        print(f"  {rows[-1]}", flush=True)
+    emit(f"## {args_device(device)}: FaceLock on the whole portrait or on the square around the face (TAESD + "
+         f"{args.fr_model}, 100 iterations), judged on the whole photo's TAESD round trip")
+    emit()
+    emit(table(["photo", "size", "whole: attacked", f"{args.judge} (held out)", f"{args.fr_model}", "s",
+                "face square: attacked", f"{args.judge} (held out)", f"{args.fr_model}", "s",
+                f"unprotected {args.judge}"], rows))
+    spread = statistics.stdev(pairs) / len(pairs) ** 0.5 if len(pairs) > 1 else float("nan")
+    emit(f"\nheld-out similarity, face square minus whole photo: {statistics.mean(pairs):+.3f} "
+         f"(standard error {spread:.3f}, {len(pairs)} photos)")
+    emit()
+
+
+def throughput_section(args: argparse.Namespace, device: torch.device, emit: Callable[[str], None]) -> None:
+    """main_defend.py over a folder of 32 photos of mixed sizes in the paper's configuration (SD 1.5 VAE stand-in,
+    LPIPS-VGG, the face model), by batch size, bucket and compilation: seconds per photo."""
+    import tempfile
+
+    import main_defend
+
+    with tempfile.TemporaryDirectory() as folder:
+        photos = Path(folder) / "photos"
+        photos.mkdir()
+        base = load_image(PHOTO)
+        for k in range(32):
+            side = (512, 480, 448)[k % 3]
+            save_png(np.asarray(base.resize((side, side), Image.LANCZOS)), photos / f"p{k:02d}.png")
+        vae = Path(folder) / "vae"
+        autoencoder("SD 1.5 VAE", torch.device("cpu"), torch.float32).save_pretrained(vae)
+        rows, outputs = [], {}
+        bucketed = ["--bucket", "64"]
+        for label, extra in (("batch 1", ["--batch_size", "1", *bucketed]),
+                             ("batch 8", ["--batch_size", "8", *bucketed]),
+                             ("batch 8, cudnn benchmark", ["--batch_size", "8", *bucketed, "--cudnn_benchmark"]),
+                             ("batch 8, compile", ["--batch_size", "8", *bucketed, "--compile"]),
+                             ("batch 8, bfloat16", ["--batch_size", "8", *bucketed, "--dtype", "bfloat16"]),
+                             ("batch 1, deterministic", ["--batch_size", "1", *bucketed, "--deterministic"]),
+                             ("batch 8, deterministic", ["--batch_size", "8", *bucketed, "--deterministic"])):
+            out = outputs[label] = Path(folder) / label.replace(" ", "_").replace(",", "") / "budget_0.03"
+            start = time.perf_counter()
+            main_defend.main(["--image_dir", str(photos), "--output_dir", str(out.parent), "--defend_method",
+                              "facelock", "--vae", str(vae), "--fr_model", args.fr_model, "--lpips", "vgg",
+                              "--device", str(device), "--max_size", "0", *extra])
+            rows.append([label, f"{(time.perf_counter() - start) / 32:.2f}"])
+            print(f"  {rows[-1]}", flush=True)
+        differences = [[f"{a} / {b}", *pixel_agreement(outputs[a], outputs[b])]
+                       for a, b in (("batch 1", "batch 8"), ("batch 1, deterministic", "batch 8, deterministic"))]
+    emit(f"## {args_device(device)}: a folder of 32 photos (512, 480 and 448 px, bucket 64), FaceLock in the paper's "
+         "configuration, 100 iterations, with main_defend.py")
+    emit()
+    emit(table(["setting", "seconds per photo (end to end)"], rows))
+    emit()
+    emit("The same photos protected alone and in batches of 8:")
+    emit()
+    emit(table(["runs", "largest difference (/255)", "pixels equal"], differences))
+    emit()
+
+
+def pixel_agreement(first: Path, second: Path) -> list[str]:
+    """The largest per-pixel difference (/255) and the fraction of equal values between two folders' PNGs."""
+    worst, equal, total = 0, 0, 0
+    for path in sorted(first.glob("*.png")):
+        a = np.asarray(Image.open(path)).astype(np.int16)
+        b = np.asarray(Image.open(second / path.name)).astype(np.int16)
+        worst, equal, total = max(worst, int(np.abs(a - b).max())), equal + int((a == b).sum()), total + a.size
+    return [str(worst), f"{equal / max(total, 1):.2%}"]
+
+
+def png_section(emit: Callable[[str], None]) -> None:
+    """Seconds and megabytes of a protected 4-megapixel photo written as PNG at each zlib level."""
+    import io
+
+    base = np.asarray(load_image(PHOTO).resize((2048, 2048), Image.LANCZOS)).astype(np.int16)
+    noise = np.random.default_rng(0).integers(-3, 4, base.shape)
+    protected = np.clip(base + noise, 0, 255).astype(np.uint8)
+    rows = []
+    for level in (1, 3, 6, 9):
+        def write(level=level) -> bytes:
+            buffer = io.BytesIO()
+            Image.fromarray(protected).save(buffer, format="PNG", compress_level=level)
+            return buffer.getvalue()
+
+        seconds = median_seconds(write, torch.device("cpu"), 3)
+        rows.append([str(level) + (" (default)" if level == PNG_LEVEL else ""), f"{seconds:.2f}",
+                     f"{len(write()) / 1e6:.1f}"])
+    emit("## PNG: a protected 2048 x 2048 photo written at each zlib level")
+    emit()
+    emit(table(["level", "seconds", "MB"], rows))
+    emit()
+
+
+def args_device(device: torch.device) -> str:
+    return device.type.upper()
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -263,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fr_model", default="sface", help="the attack's face model")
     parser.add_argument("--judge", default="mobilefacenet", help="the held-out face model judging protection")
     parser.add_argument("--device", default="all", help="cpu, cuda, or all (the CPU and CUDA where present)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--faces", help="face photos for the time, region and throughput sections "
+                                        "(default: $FACELOCK_ASSETS/faces)")
+    parser.add_argument("--photos", type=int, default=5, help="photos measured by the time and region sections")
     parser.add_argument("--output", help="also write the report to this markdown file")
     return parser
 
@@ -274,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         devices = [torch.device(args.device)]
     names = [n.strip() for n in args.methods.split(",")]
+    sections = {n.strip() for n in args.sections.split(",") if n.strip()}
+    if sections - set(SECTIONS):
+        raise UserError(f"--sections takes a subset of {','.join(SECTIONS)}")
     lines = [f"Machine: {machine(devices)}", ""]
 
     def emit(text: str = "") -> None:
@@ -283,118 +562,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     headline = float("nan")
     for device in devices:
         dtype, where = default_dtype(device), device.type.upper()
-        emit(f"## {where}: seconds per iteration ({str(dtype).split('.')[1]}, channels_last, LPIPS on)")
-        emit()
-        rows = []
-        for ae_name in AUTOENCODERS:
-            for size in args.sizes:
-                for name in names:
-                    seconds, peak = in_fresh_process(time_method, name, ae_name, size, str(device), args.repeats,
-                                                     args.fr_model)
-                    rows.append([name, ae_name, size, f"{seconds:.3f}", f"{peak:.0f}"])
-                    print(f"  {rows[-1]}", flush=True)
-        emit(table(["method", "autoencoder", "size", "s / iteration", "peak memory (MB)"], rows))
-        emit()
+        if "iteration" in sections:
+            emit(f"## {where}: seconds per iteration ({str(dtype).split('.')[1]}, channels_last, LPIPS on)")
+            emit()
+            emit(table(["method", "autoencoder", "size", "s / iteration", "peak memory (MB)"],
+                       per_iteration(args, names, device)))
+            emit()
 
         face = channels_last(load_face_identity(args.fr_model, device))
         lpips_net = channels_last(random_lpips(device, dtype))
-        emit(f"## {where}: components (forward and backward to the input)")
-        emit()
-        rows = []
-        for size in args.sizes:
-            x = photo(size, device)
-            rows.append([f"face detection (MTCNN), {size} px photo",
-                         f"{median_seconds(lambda: face.reference(x), device, args.repeats):.3f}"])
-            with frozen(face, lpips_net):
-                with torch.no_grad():
-                    faces, clean = face.reference(x), lpips_net.reference(x)
-                for label, fn in ((f"face crop + {args.fr_model}, {size} px photo", lambda y: face(y, faces)),
-                                  (f"LPIPS-VGG, {size} px", lambda y: lpips_net(y, clean))):
-                    def run(fn=fn) -> None:
-                        y = x.clone().requires_grad_(True)
-                        torch.autograd.grad(fn(y).sum(), [y])
-
-                    rows.append([label, f"{median_seconds(run, device, args.repeats):.3f}"])
-        emit(table(["component", "seconds"], rows))
-        emit()
-
-        emit(f"## {where}: levers, FaceLock with the SD 1.5 VAE at 256 px (one iteration with every term)")
-        emit()
+        if "components" in sections:
+            emit(f"## {where}: components (forward and backward to the input)")
+            emit()
+            emit(table(["component", "seconds"], components(args, device, face, lpips_net)))
+            emit()
         x = photo(256, device)
-        settings = [("float32, contiguous", torch.float32, False), ("float32, channels_last", torch.float32, True),
-                    ("bfloat16, channels_last", torch.bfloat16, True)]
-        if device.type == "cuda":
-            settings.append(("float16, channels_last", torch.float16, True))
-        rows = []
-        for label, lever_dtype, last in settings:
-            models = [autoencoder("SD 1.5 VAE", device, lever_dtype), random_lpips(device, lever_dtype)]
-            if last:
-                models = [channels_last(m) for m in models]
-            attack = methods.create("facelock", autoencoder=models[0], face=face, perceptual=models[1])
-            with frozen(*attack.modules()):
-                with torch.no_grad():
-                    clean = attack.prepare(x)
-
-                def full_iteration() -> None:
-                    x_adv = x.clone().requires_grad_(True)
-                    torch.autograd.grad(attack.objective(x_adv, clean, SCHEDULE - 1).sum(), [x_adv])
-
-                rows.append([label, f"{median_seconds(full_iteration, device, args.repeats):.3f}"])
-            print(f"  {rows[-1]}", flush=True)
-        emit(table(["setting", "s / iteration"], rows))
-        emit()
-
-        emit(f"## {where}: FaceLock with the SD 1.5 VAE at 256 px, against the official loop")
-        emit()
-        attack = methods.create("facelock", autoencoder=channels_last(autoencoder("SD 1.5 VAE", device, dtype)),
-                                face=face, perceptual=lpips_net)
-        ours = seconds_per_iteration(attack, x, args.repeats)
-        naive = reference_seconds(x, face.to(memory_format=torch.contiguous_format), args.repeats)
-        face.to(memory_format=torch.channels_last)
-        emit(table(["loop", "s / iteration"], [
-            ["official: float32, contiguous, clean face and LPIPS features every iteration, every term always, "
-             "graph kept", f"{naive:.3f}"],
-            [f"this project: {str(dtype).split('.')[1]}, channels_last, clean references once, a term only when "
-             "its weight is not zero, fresh graph per iteration", f"{ours:.3f}"],
-        ]))
-        emit(f"\nspeed-up: {naive / ours:.2f}x")
-        emit()
-        if device.type == "cpu":
-            headline = naive / ours
-
-        emit(f"## {where}: FaceLock end to end (TAESD + {args.fr_model}, 100 iterations, no LPIPS: --preset small)")
-        emit()
+        if "levers" in sections:
+            emit(f"## {where}: levers, FaceLock with the SD 1.5 VAE at 256 px (one iteration with every term)")
+            emit()
+            emit(table(["setting", "s / iteration"], levers(args, device, face, x)))
+            emit()
+        if "reference" in sections:
+            emit(f"## {where}: FaceLock with the SD 1.5 VAE at 256 px, against the official loop")
+            emit()
+            ours, naive = against_reference(args, device, dtype, face, lpips_net, x)
+            emit(table(["loop", "s / iteration"], [
+                ["official: float32, contiguous, clean face and LPIPS features every iteration, every term always, "
+                 "graph kept", f"{naive:.3f}"],
+                [f"this project: {str(dtype).split('.')[1]}, channels_last, clean references once, a term only when "
+                 "its weight is not zero, fresh graph per iteration", f"{ours:.3f}"],
+            ]))
+            emit(f"\nspeed-up: {naive / ours:.2f}x")
+            emit()
+            if device.type == "cpu":
+                headline = naive / ours
         taesd = channels_last(autoencoder("TAESD", device, dtype))
-        rows = []
-        for size in args.sizes:
-            x = photo(size, device)
-            attack = methods.create("facelock", autoencoder=taesd, face=face, perceptual=None)
-            run = lambda: protect_tensor(attack, x, [cpu_generator(0)])  # noqa: E731
-            seconds = median_seconds(run, device, max(1, args.repeats - 1))
-            rows.append([f"{size}x{size}", f"{seconds:.1f}"])
-            print(f"  {rows[-1]}", flush=True)
-        emit(table(["photo", "seconds"], rows))
-        emit()
-
-        size = min(args.sizes)
-        runs = {(loop, n): in_fresh_process(facelock_run, loop, size, n, str(device), args.fr_model, args.judge)
-                for loop in ("project", "official") for n in (10, SCHEDULE)}
-        emit(f"Peak memory of a process protecting one {size} px photo (MB), by number of iterations:")
-        emit()
-        emit(table(["loop", "10 iterations", "100 iterations", "ratio"], [
-            [loop, f"{runs[loop, 10][0]:.0f}", f"{runs[loop, SCHEDULE][0]:.0f}",
-             f"{runs[loop, SCHEDULE][0] / runs[loop, 10][0]:.2f}"] for loop in ("project", "official")]))
-        emit()
-        with torch.no_grad():
-            unprotected = protection(photo(size, device), photo(size, device), device, face,
-                                     load_face_identity(args.judge, device))
-        emit(f"Protection reached at {size} px after 100 iterations: FR similarity between the photo and its TAESD "
-             "round trip (lower is stronger):")
-        emit()
-        emit(table(["photo", f"{args.fr_model} (attacked)", f"{args.judge} (held out)"],
-                   [["unprotected", *unprotected], ["protected, this project", *runs["project", SCHEDULE][1]],
-                    ["protected, official loop", *runs["official", SCHEDULE][1]]]))
-        emit()
+        if "end_to_end" in sections:
+            emit(f"## {where}: FaceLock end to end (TAESD + {args.fr_model}, 100 iterations, no LPIPS: "
+                 "--preset small)")
+            emit()
+            emit(table(["photo", "seconds"], end_to_end(args, device, face, taesd)))
+            emit()
+        if "memory" in sections:
+            memory_and_protection(args, device, face, emit)
+        if "time" in sections:
+            time_section(args, device, face, taesd, emit)
+        if "region" in sections:
+            region_section(args, device, face, taesd, emit)
+        if "throughput" in sections and device.type == "cuda":
+            throughput_section(args, device, emit)
+    if "png" in sections:
+        png_section(emit)
 
     if args.output:
         atomic_write(Path(args.output), lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

@@ -1,19 +1,24 @@
 """Face-recognition thresholds at a chosen false-accept rate, calibrated on photos of known people.
 
-    python -m evaluation.calibration --fr_model mobilefacenet [--faces DIR] [--far 0.01]
+    python -m evaluation.calibration --fr_model mobilefacenet [--faces DIR] [--far 0.01] [--output FILE]
 
 A verdict such as "not recognised" needs a threshold: the similarity above which a face model accepts two faces as
 the same person. It is set on labelled photos so that at most a fraction `far` of the different-person pairs are
 accepted: with the different-person similarities sorted from the highest, the threshold is the `floor(far * n) + 1`-th
 of them, and a pair is accepted when its similarity is above it. Identities come from a `labels.csv` (`path,identity`)
 in the folder, or else from each photo's parent folder. The held-out acceptance set is refused, as by the benchmarks.
+`--output` adds the thresholds, with where they come from, to a JSON table (the one `assets/thresholds.json` ships,
+which `evaluation.check` reads).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import hashlib
 import itertools
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -23,8 +28,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils import ASSETS_ENV, UserError, load_face_identity, load_image, pick_device, pil_to_tensor, run_script
+from utils import (
+    ASSETS_ENV,
+    UserError,
+    load_face_identity,
+    load_image,
+    local_copy,
+    pick_device,
+    pil_to_tensor,
+    run_script,
+    write_json,
+)
 
+from .batch import package_versions
 from .walker import photos_under
 
 
@@ -44,6 +60,33 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def model_digest(spec: str) -> str | None:
+    """The SHA-256 of the ONNX file behind face model `spec` (a FACELOCK_ASSETS name or a path); None for models
+    without one file here (facenet, adaface, a download)."""
+    path = local_copy(spec) or (Path(spec) if spec.endswith(".onnx") else None)
+    if path is None or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_thresholds(path: str | Path) -> dict[str, dict]:
+    """A table written by `--output`: model name -> its calibration and provenance; empty if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())["models"]
+    except (ValueError, KeyError) as error:
+        raise UserError(f"{path} is not a threshold table written by evaluation.calibration ({error})") from None
+
+
+def write_thresholds(path: str | Path, entries: dict[str, dict]) -> None:
+    """Add `entries` (model name -> calibration and provenance) to the table at `path`, replacing those models."""
+    models = {**read_thresholds(path), **entries}
+    write_json({"about": "face-model thresholds at a false-accept rate; regenerate with the command of each entry",
+                "models": dict(sorted(models.items()))}, path)
 
 
 def labelled_photos(folder: str | Path) -> list[tuple[Path, str]]:
@@ -110,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--faces", help=f"labelled photos (default: ${ASSETS_ENV}/faces)")
     parser.add_argument("--far", type=float, default=0.01, help="false-accept rate")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--output", help="add the thresholds and their provenance to this JSON table "
+                                         "(e.g. assets/thresholds.json)")
     return parser
 
 
@@ -117,12 +162,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.far < 1:
         raise UserError(f"--far must be in [0, 1), got {args.far}")
-    photos = labelled_photos(Path(args.faces) if args.faces else default_faces())
+    faces = Path(args.faces) if args.faces else default_faces()
+    photos = labelled_photos(faces)
     device = pick_device(args.device)
+    entries = {}
     for name in [n.strip() for n in args.fr_model.split(",") if n.strip()]:
         result = calibrate(load_face_identity(name, device), photos, args.far, device)
         print(f"{name}: threshold {result.threshold:.3f} at FAR {args.far} ({result.impostor_pairs} different-person "
               f"pairs, {result.genuine_pairs} same-person pairs, {result.false_rejects:.0%} of them rejected)")
+        entries[name] = {**result.to_dict(), "model": name, "model_sha256": model_digest(name),
+                         "photos": f"{faces.name}/: {len(photos)} photos of {len({p for _, p in photos})} people",
+                         "command": f"python -m evaluation.calibration --fr_model {name} --far {args.far}"
+                                    + (f" --faces {args.faces}" if args.faces else "")
+                                    + (f" --output {args.output}" if args.output else ""),
+                         "date": datetime.date.today().isoformat(),
+                         "versions": {k: v for k, v in package_versions().items()
+                                      if k in ("torch", "onnx2torch", "facenet-pytorch")}}
+    if args.output:
+        write_thresholds(args.output, entries)
+        print(f"wrote {', '.join(entries)} to {args.output}")
     return 0
 
 

@@ -35,17 +35,23 @@ from utils import (
     write_csv,
 )
 
+from methods.facecloak import members
+
 from .calibration import default_faces, labelled_photos, threshold_at_far
 from .metrics.psr import KINDS, Gallery, Probes, embed_largest, photo_key
 from .runner import nanmean
 from .walker import images_by_name, photos_under
 
 
+def by_name(face) -> tuple[dict, object]:
+    """The face models of `face` (a `FaceIdentity` or a `FaceEnsemble`) by name, each on its own, and their shared
+    detector."""
+    return {member.name: member for member in members(face)}, face.detector
+
+
 def face_models(spec: str, device: torch.device) -> tuple[dict, object]:
-    """The face models named in `spec` (comma-separated), each on its own, and their shared detector."""
-    face = load_face_identity(spec, device)
-    members = list(face.members) if hasattr(face, "members") else [face]
-    return {member.name: member for member in members}, face.detector
+    """The face models named in `spec` (comma-separated, loaded as one `FaceEnsemble`) by name, and their detector."""
+    return by_name(load_face_identity(spec, device))
 
 
 def load_gallery(folder: Path, models: dict, detector, far: float = 0.01, distractors: Path | None = None,

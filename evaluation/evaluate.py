@@ -3,11 +3,12 @@
     python -m evaluation.evaluate --src_dir photos --clean_edit_dir edits/clean \
         --defend_edit_dirs edits/facelock edits/encoder --seed 0 --output results/
 
-`--metrics ...,psr --psr_gallery DIR` adds the Protection Success Rate of the edits (see `evaluation.eval_psr`).
+`--metrics ...,psr` adds the protection success rate; with `--psr_gallery DIR` also FaceCloak's identification PSR
+of the edits against that gallery (see `evaluation.eval_psr`).
 """
 
-from evaluation.runner import METRIC_KEYS, OPTIONAL_KEYS, cli
+from evaluation.runner import METRIC_KEYS, cli
 from utils import run_script
 
 if __name__ == "__main__":
-    run_script(lambda: cli(METRIC_KEYS + OPTIONAL_KEYS, __doc__.split("\n\n")[0]))
+    run_script(lambda: cli(METRIC_KEYS, __doc__.split("\n\n")[0]))

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from methods.progress import progress_bar
 from utils import (
     UserError,
     atomic_write,
@@ -35,17 +35,18 @@ from .metrics.base import CleanMetric, Metric, SourceMetric
 from .metrics.clip_score import ClipEmbedder, ClipI, ClipS
 from .metrics.facial import FaceSimilarity
 from .metrics.perceptual import LPIPS
+from .metrics.protection import ProtectionSuccess
 from .metrics.psnr import PSNR
 from .metrics.ssim import SSIM
 from .walker import EditSet, edit_sets, images_by_name, pair_by_name
 
 logger = logging.getLogger(__name__)
 
-#: Every metric by key, in the paper's order.
-METRIC_CLASSES = {cls.key: cls for cls in (PSNR, SSIM, LPIPS, ClipS, ClipI, FaceSimilarity)}
-METRIC_KEYS = tuple(METRIC_CLASSES)
-#: Metrics computed only when asked for (`--metrics ...,psr`): PSR needs a labelled gallery (`--psr_gallery`).
-OPTIONAL_KEYS = ("psr",)
+#: Every metric by key: the paper's six in its order, then the protection success rate.
+METRIC_CLASSES = {cls.key: cls for cls in (PSNR, SSIM, LPIPS, ClipS, ClipI, FaceSimilarity, ProtectionSuccess)}
+#: The paper's metrics, computed by default; the others on request (--metrics).
+METRIC_KEYS = ("psnr", "ssim", "lpips", "clip_s", "clip_i", "fr")
+EXTRA_KEYS = ("psr",)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequen
             names = [n for n in sorted(edits) if (with_clean and n in cleans) or (with_source and n in sources)]
             for metric in with_source:
                 metric.set_prompt(prompts[i])
-            bar = tqdm(total=len(names), desc=f"{edit_set.label} {folder.name}", leave=False, disable=not progress)
+            bar = progress_bar(total=len(names), desc=f"{edit_set.label} {folder.name}", leave=False, disable=not progress)
             for batch in batches_by_size(names, lambda n: image_size(edits[n]), batch_size):
                 _score_batch(results, edit_set.label, i, batch, edits, cleans, sources, with_clean, with_source)
                 bar.update(len(batch))
@@ -220,7 +221,7 @@ def write(results: Results, output: Path, name: str) -> str:
 
 def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    needs_source = any(k in ("clip_s", "clip_i", "fr", "psr") for k in keys)
+    needs_source = any(k in ("clip_s", "clip_i", "fr") for k in keys)
     needs_clean = any(k in ("psnr", "ssim", "lpips") for k in keys)
     if needs_source:
         parser.add_argument("--src_dir", required=True, help="the source photos that were edited")
@@ -236,19 +237,25 @@ def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentPars
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     if "clip_s" in keys or "clip_i" in keys:
         parser.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="CLIP hub id or folder")
-    if "fr" in keys or "psr" in keys:
-        parser.add_argument("--fr_model", default="facenet",
-                            help="face model judging identity: facenet, sface, mobilefacenet, adaface or an .onnx path "
-                                 "(psr: a comma-separated list scores each)")
     if "fr" in keys:
+        parser.add_argument("--fr_model", default="facenet",
+                            help="face model judging identity: facenet, sface, mobilefacenet, mobileface, adaface (runs "
+                                 "code from its hub repository) or an .onnx path (psr with --psr_gallery: a "
+                                 "comma-separated list scores the gallery PSR by each)")
         parser.add_argument("--fr_landmarks", default="detect", choices=["detect", "source"],
                             help="find the face in each edit again (default) or crop where the source's face was")
-    if "psr" in keys:
-        parser.add_argument("--psr_gallery", help="psr: labelled clean photos of the people (labels.csv or one folder "
-                                                  "per person); edits are named after their photo there")
-        parser.add_argument("--psr_distractors", help="psr: photos of other people added to the gallery")
-        parser.add_argument("--psr_far", type=float, default=0.01,
-                            help="psr: false-accept rate of the verification threshold, set on the gallery")
+        parser.add_argument("--far", type=float, default=0.01,
+                            help="psr: false-accept rate at which --fr_model's threshold is calibrated")
+        parser.add_argument("--calibration_faces",
+                            help="psr: labelled photos to calibrate the threshold on (a labels.csv or one folder per "
+                                 "person; default: --psr_gallery if given, else $FACELOCK_ASSETS/faces)")
+        parser.add_argument("--fr_threshold", type=float,
+                            help="psr: use this similarity threshold instead of calibrating one")
+        parser.add_argument("--psr_gallery",
+                            help="psr: also FaceCloak's identification PSR (top-1, top-5 and verification against "
+                                 "this gallery of labelled clean photos: labels.csv or one folder per person); edits "
+                                 "are named after their source photo there")
+        parser.add_argument("--psr_distractors", help="psr with --psr_gallery: photos of other people added to it")
     return parser
 
 
@@ -257,7 +264,7 @@ def build_metrics(keys: Sequence[str], args: argparse.Namespace, device: torch.d
     from utils import load_face_identity, load_perceptual
 
     metrics: list[Metric] = []
-    embedder = None
+    embedder = identity = None
     for key in keys:
         if key == "psnr":
             metrics.append(PSNR())
@@ -268,26 +275,50 @@ def build_metrics(keys: Sequence[str], args: argparse.Namespace, device: torch.d
         elif key in ("clip_s", "clip_i"):
             embedder = embedder or load_clip(args.clip_model, device)
             metrics.append((ClipS if key == "clip_s" else ClipI)(embedder))
-        elif key == "fr":
-            identity = load_face_identity(args.fr_model, device)
-            metrics.append(FaceSimilarity(identity, reuse_landmarks=args.fr_landmarks == "source"))
-        elif key == "psr":
-            metrics += psr_metrics(args, device)
+        elif key in ("fr", "psr"):
+            identity = identity or load_face_identity(args.fr_model, device)
+            if key == "fr":
+                metrics.append(FaceSimilarity(identity, reuse_landmarks=args.fr_landmarks == "source"))
+            else:
+                threshold = args.fr_threshold if args.fr_threshold is not None else fr_threshold(identity, args, device)
+                metrics.append(ProtectionSuccess(identity, threshold, reuse_landmarks=args.fr_landmarks == "source"))
+                if args.psr_gallery:
+                    metrics += gallery_psr_metrics(identity, args)
     return metrics
 
 
-def psr_metrics(args: argparse.Namespace, device: torch.device) -> list[Metric]:
-    """Top-1, top-5 and verification PSR by each face model of `--fr_model`, against `--psr_gallery`."""
-    from .eval_psr import face_models, load_gallery
-    from .metrics.psr import KINDS, Probes, ProtectionSuccess
+def gallery_psr_metrics(identity, args: argparse.Namespace) -> list[Metric]:
+    """FaceCloak's identification PSR of the edits (top-1, top-5 and verification) by each face model of
+    `--fr_model` against `--psr_gallery`, at `--fr_threshold`, or at `--far` on `--calibration_faces` (default: the
+    gallery's own pairs, as `fr_threshold`)."""
+    from .eval_psr import by_name, load_gallery
+    from .metrics.psr import KINDS, GalleryPSR, Probes
 
-    if not args.psr_gallery:
-        raise UserError("psr compares each edit with a gallery of labelled photos: pass --psr_gallery")
-    models, detector = face_models(args.fr_model, device)
+    models, detector = by_name(identity)
     distractors = Path(args.psr_distractors) if args.psr_distractors else None
-    gallery, _ = load_gallery(Path(args.psr_gallery), models, detector, args.psr_far, distractors)
+    calibration = Path(args.calibration_faces) if args.calibration_faces else None
+    gallery, _ = load_gallery(Path(args.psr_gallery), models, detector, args.far, distractors, calibration)
+    if args.fr_threshold is not None:
+        gallery.thresholds = {model: args.fr_threshold for model in models}
     probes = Probes(gallery, models, detector)
-    return [ProtectionSuccess(probes, model, kind) for model in models for kind in KINDS]
+    return [GalleryPSR(probes, model, kind) for model in models for kind in KINDS]
+
+
+def fr_threshold(identity, args: argparse.Namespace, device: torch.device) -> float:
+    """The threshold of the face model at `--far`, calibrated on `--calibration_faces` (default: `--psr_gallery`,
+    else the offline assets' faces)."""
+    from .calibration import calibrate, default_faces, labelled_photos
+
+    try:
+        chosen = args.calibration_faces or args.psr_gallery
+        faces = Path(chosen) if chosen else default_faces()
+    except UserError:
+        raise UserError("psr needs --fr_model's threshold: pass --calibration_faces (labelled photos), "
+                        "--fr_threshold, or set FACELOCK_ASSETS to a folder holding faces/") from None
+    result = calibrate(identity, labelled_photos(faces), args.far, device)
+    logger.info("psr: %s threshold %.3f at FAR %s (%d different-person pairs in %s)", args.fr_model,
+                result.threshold, args.far, result.impostor_pairs, faces)
+    return result.threshold
 
 
 def load_clip(name: str, device: torch.device):
@@ -304,14 +335,17 @@ def load_clip(name: str, device: torch.device):
 def cli(keys: Sequence[str], description: str, argv: Sequence[str] | None = None, name: str | None = None) -> int:
     """Parse, load the models, evaluate, write `--output`, print the table."""
     parser = build_parser(keys, description)
+    allowed = list(keys) + ([k for k in EXTRA_KEYS if "fr" in keys] if name is None else [])
     if name is None:
-        parser.add_argument("--metrics", default=",".join(k for k in keys if k not in OPTIONAL_KEYS),
-                            help=f"comma-separated subset of {','.join(keys)}")
+        parser.add_argument("--metrics", default=",".join(keys),
+                            help=f"comma-separated subset of {','.join(allowed)} (psr: the protection success rate, "
+                                 f"the fraction of edits --fr_model no longer matches to the source at its --far "
+                                 f"threshold)")
     args = parser.parse_args(argv)
     chosen = list(keys) if name else [k.strip() for k in args.metrics.split(",") if k.strip()]
-    unknown = sorted(set(chosen) - set(keys))
+    unknown = sorted(set(chosen) - set(allowed))
     if unknown or not chosen:
-        parser.error(f"--metrics takes a comma-separated subset of {','.join(keys)}, got {args.metrics!r}")
+        parser.error(f"--metrics takes a comma-separated subset of {','.join(allowed)}, got {args.metrics!r}")
     if any(k in ("psnr", "ssim", "lpips") for k in chosen) and not args.clean_edit_dir:
         parser.error("PSNR, SSIM and LPIPS compare with the clean edits: pass --clean_edit_dir")
     sets = [s for folder in args.defend_edit_dirs for s in edit_sets(folder, args.seed)]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import ProgressBar, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +127,16 @@ class Attack:
         `evaluation/benchmark_speed.py` times for every method."""
         raise NotImplementedError
 
-    def iterations(self, total: int, desc: str) -> tqdm:
-        return tqdm(range(total), desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+    def iterations(self, total: int, desc: str) -> ProgressBar:
+        return progress_bar(range(total), desc=desc, leave=False, disable=not self.progress)
 
 
 class PGDAttack(Attack):
     """Projected gradient ascent with sign steps, as in the PhotoGuard and FaceLock code.
 
-    Uniform random start in the budget, step size decaying linearly from `step_size` to `step_size / 100`,
-    projection onto the budget and bounds after every step, and a fresh graph per step (nothing accumulates
+    Uniform random start in the budget, step size decaying from `step_size` to `step_size / 100` (linearly, as the
+    official code, or along a half cosine with `schedule="cosine"`; `"constant"` keeps it), projection onto the
+    budget and bounds after every step, and a fresh graph per step (nothing accumulates
     across iterations). Subclasses supply `prepare` (computed once on the clean images, without gradients) and
     `objective` (one value per sample, maximised).
 
@@ -155,7 +158,7 @@ class PGDAttack(Attack):
     def __init__(self, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
                  eot: Callable[[torch.Tensor, Generators], torch.Tensor] | None = None, eot_samples: int = 1,
                  momentum: float = 0.0, input_diversity: float = 0.0, diversity_scale: float = 0.9,
-                 ti_kernel: int = 0, progress: bool = False):
+                 ti_kernel: int = 0, schedule: str = "linear", progress: bool = False):
         super().__init__(eps=eps, progress=progress)
         if step_size <= 0 or num_iters < 1 or eot_samples < 1:
             raise ValueError(f"need step_size > 0, num_iters >= 1 and eot_samples >= 1, got {step_size}, "
@@ -164,8 +167,12 @@ class PGDAttack(Attack):
                 ti_kernel and (ti_kernel < 0 or ti_kernel % 2 == 0)):
             raise ValueError(f"need momentum >= 0, input_diversity in [0, 1], diversity_scale in (0, 1] and ti_kernel "
                              f"0 or odd, got {momentum}, {input_diversity}, {diversity_scale} and {ti_kernel}")
-        self.step_size = step_size
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"schedule must be one of {self.SCHEDULES}, got {schedule!r}")
+        self.step_size, self.schedule = step_size, schedule
         self.num_iters = num_iters
+        #: Called as `monitor(i, x_adv)` after every step (benchmarks record protection against time with it).
+        self.monitor: Callable[[int, torch.Tensor], None] | None = None
         self.eot, self.eot_samples = eot, eot_samples
         self.momentum, self.ti_kernel = momentum, ti_kernel
         self.diversity = None
@@ -174,8 +181,15 @@ class PGDAttack(Attack):
 
             self.diversity = ResizePad(scale=(diversity_scale, 1.0), probability=input_diversity)
 
+    SCHEDULES = ("linear", "cosine", "constant")
+
     def step_size_at(self, i: int) -> float:
-        return self.step_size - (self.step_size - self.step_size / 100) / self.num_iters * i
+        low, progress = self.step_size / 100, i / self.num_iters
+        if self.schedule == "linear":
+            return self.step_size - (self.step_size - low) * progress
+        if self.schedule == "cosine":
+            return low + (self.step_size - low) * (1 + math.cos(math.pi * progress)) / 2
+        return self.step_size
 
     def reached(self, reference: Any, i: int) -> torch.Tensor | None:
         """Per sample, after `objective` at iteration `i`: has it reached the attack's goal? Such samples keep their
@@ -225,7 +239,9 @@ class PGDAttack(Attack):
                     return x_adv.detach()
             step = self.step_size_at(i) * self.direction(grad, state) * active
             x_adv = project(x_adv.detach() + step, x, self.eps, self.bounds)
-            bar.set_postfix(objective=f"{value.mean().item():.4f}")
+            bar.set_postfix(objective=f"{value.mean().item():.4f}", refresh=False)
+            if self.monitor is not None:
+                self.monitor(i, x_adv)
         return x_adv
 
 

@@ -75,5 +75,5 @@ class CWL2Attack(Attack):
             optimizer.zero_grad(set_to_none=True)
             cost.sum().backward()
             optimizer.step()
-            bar.set_postfix(cost=f"{cost.mean().item():.4f}")
+            bar.set_postfix(cost=f"{cost.mean().item():.4f}", refresh=False)
         return torch.tanh(w.detach())

@@ -150,7 +150,7 @@ def warp_window(maps: torch.Tensor, matrix: np.ndarray, window: tuple[int, ...])
     return warp_affine(maps[None], torch.from_numpy(matrix)[None], (y1 - y0, x1 - x0))[0]
 
 
-def place(maps: torch.Tensor, faces: Faces, shape: tuple[int, int]) -> torch.Tensor:
+def warp_onto(maps: torch.Tensor, faces: Faces, shape: tuple[int, int]) -> torch.Tensor:
     """Aligned-space maps (`C x S x S`) warped onto every face of `faces` in images of `shape` (height, width):
     `N x C x H x W`, zero away from the faces; where faces overlap, values add. Differentiable in `maps`."""
     out = maps.new_zeros((faces.count, maps.shape[0], *shape))
@@ -421,7 +421,7 @@ class FaceCloak(Attack):
     def loss(self, delta: torch.Tensor, view: _View, anchors: dict) -> torch.Tensor:
         """FaceCloak's triplet loss (lower is better protected) of the mask `delta` placed on one view."""
         faces = view.faces
-        y = (view.canvas + place(delta, faces, view.canvas.shape[-2:])).clamp(*self.bounds)
+        y = (view.canvas + warp_onto(delta, faces, view.canvas.shape[-2:])).clamp(*self.bounds)
         values = []
         for k, m in enumerate(members(self.face)):
             e = m.embed(y, faces)[0][0]

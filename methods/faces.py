@@ -364,9 +364,14 @@ def load_onnx_embedder(path: str | Path) -> FaceEmbedder:
 
 
 def load_facenet() -> FaceEmbedder:
-    """InceptionResnetV1 with VGGFace2 weights (facenet-pytorch downloads them into torch's hub cache)."""
+    """InceptionResnetV1 with VGGFace2 weights. The weights are fetched (and checked against their SHA-256) into the
+    folder where facenet-pytorch looks for them, so it never downloads an unchecked copy itself."""
     from facenet_pytorch import InceptionResnetV1
 
+    from .downloads import FACENET_VGGFACE2, fetch
+
+    torch_home = Path(torch.hub.get_dir()).parent  # facenet-pytorch reads $TORCH_HOME/checkpoints
+    fetch(FACENET_VGGFACE2, torch_home / "checkpoints" / FACENET_VGGFACE2.filename)
     network = InceptionResnetV1(pretrained="vggface2").eval()
     # facenet-pytorch's fixed_image_standardization: (x - 127.5) / 128 on 0..255 crops.
     return FaceEmbedder(network, size=(160, 160), input_range=(-127.5 / 128, 127.5 / 128), alignment="box",
@@ -374,15 +379,19 @@ def load_facenet() -> FaceEmbedder:
 
 
 def load_adaface(repo_id: str = "minchul/cvlface_adaface_vit_base_kprpe_webface4m") -> FaceEmbedder:
-    """The FaceLock paper's CVLFace AdaFace ViT from the Hugging Face hub (remote code; a logged-in token is
-    used if the repository asks for one). Takes ArcFace-aligned 112 x 112 crops in [-1, 1] and keypoints."""
+    """The FaceLock paper's CVLFace AdaFace ViT from the Hugging Face hub, at its pinned revision. It runs the
+    repository's own Python code (`trust_remote_code`; a logged-in token is used if the repository asks for one).
+    Takes ArcFace-aligned 112 x 112 crops in [-1, 1] and keypoints."""
     import os
     import sys
 
     from huggingface_hub import snapshot_download
     from transformers import AutoModel
 
-    folder = snapshot_download(repo_id)
+    from .downloads import split_revision
+
+    repo_id, revision = split_revision(repo_id)
+    folder = snapshot_download(repo_id, revision=revision)
     cwd = os.getcwd()
     sys.path.insert(0, folder)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,63 @@ def test_reference_loop_recomputes_the_clean_references_at_every_iteration():
                                              torch.Generator().manual_seed(0), on_iteration=seen.append)
     assert seen == [0, 1, 2, 3] and (out - x).abs().max() <= 0.03 + 1e-6 and not out.requires_grad
     assert references == [face, perceptual] * 4  # as the official loop: every term, every iteration
+
+
+def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, capsys):
+    from evaluation import benchmark_transfer
+
+    faces = tmp_path / "faces"
+    for person, files in (("obama", ("obama.jpg", "obama2.jpg")), ("biden", ("biden2.jpg",))):
+        (faces / person).mkdir(parents=True)
+        for name in files:  # smaller copies: detection on full-size photos is what takes time here
+            image = load_image(assets / "faces" / person / name)
+            image.thumbnail((400, 400))
+            image.save(faces / person / f"{Path(name).stem}.png")
+    out = tmp_path / "out"
+    argv = ["--faces", str(faces), "--output", str(out), "--models", "sface,mobilefacenet", "--held_out", "sface",
+            "--configs", "mi", "--kinds", "crops", "--num_iters", "2", "--device", "cpu",
+            "--vae", str(assets / "models" / "taesd")]
+    assert benchmark_transfer.main(argv) == 0
+    with (out / "transfer.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * 3  # (unprotected + the config) x photos x cleanups
+    assert {(r["held_out"], r["config"]) for r in rows} == {("sface", "none"), ("sface", "mi")}
+    unprotected = [r for r in rows if r["config"] == "none" and r["cleanup"] == "none"]
+    assert all(float(r["fr_held_out"]) > 0.5 and r["protected"] == "False" for r in unprotected)
+    manifest = (out / "protected" / "crops" / "sface" / "mi" / "budget_0.03" / "manifest.json").read_text()
+    assert '"fr_model": "mobilefacenet"' in manifest and '"momentum": 1.0' in manifest
+    assert "| sface | mi |" in (out / "transfer.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
+    assert benchmark_transfer.main(argv) == 0  # resumes: nothing protected again
+    assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
+    capsys.readouterr()
+
+
+def test_time_to_protection_finds_the_first_iterate_at_the_official_protection():
+    from evaluation.time_to_protection import Curve, summary
+
+    official = Curve([5, 10], [1.0, 2.0], [0.5, 0.2], [0.6, 0.3])
+    faster = Curve([5, 10], [0.9, 1.8], [0.2, 0.1], [0.3, 0.2])
+    slower = Curve([5, 10], [1.0, 2.0], [0.4, 0.3], [0.5, 0.35])
+    assert official.reached(0.2, 0.3) == (10, 2.0) and faster.reached(0.2, 0.3) == (5, 0.9)
+    assert slower.reached(0.2, 0.3) is None
+    rows = summary({"official": [official], "faster": [faster], "slower": [slower]})
+    assert rows == [["official", "1/1", "10", "2.0", "1.00x"], ["faster", "1/1", "5", "0.9", "2.22x"],
+                    ["slower", "0/1", "n/a", "n/a", "n/a"]]
+
+
+def test_time_to_protection_curves_of_a_tiny_facelock():
+    from conftest import AUTOENCODERS, random_images, tiny_face_identity
+
+    import methods
+    from evaluation.time_to_protection import VARIANTS, run, table_of_curves
+
+    taesd, face = AUTOENCODERS["tiny"](), tiny_face_identity()
+    build = lambda **options: methods.create("facelock", autoencoder=taesd, face=face, num_iters=10,  # noqa: E731
+                                             **options)
+    curves = run([random_images(1, size=32, seed=k) for k in range(2)], build, taesd, face, face, seeds=[0, 1])
+    assert set(curves) == set(VARIANTS) and all(len(per_photo) == 2 for per_photo in curves.values())
+    curve = curves["momentum"][0]
+    assert curve.iterations == [5, 10] and curve.seconds[0] < curve.seconds[1]
+    assert curves["official"][0].attacked[-1] < 0.99  # the attack lowered its own similarity
+    assert len(table_of_curves(curves, (5, 10))[0]) == 3

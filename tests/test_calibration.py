@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import write_photo
-from evaluation.calibration import calibrate, labelled_photos, threshold_at_far
+from conftest import ROOT, write_photo
+from evaluation.calibration import (
+    calibrate,
+    labelled_photos,
+    model_digest,
+    read_thresholds,
+    threshold_at_far,
+    write_thresholds,
+)
 from utils import UserError, load_face_identity
 
 
@@ -51,3 +58,17 @@ def test_real_models_separate_people_at_one_percent_far(assets):
               f"{result.genuine_pairs} same-person pairs rejected")
         assert (result.genuine_pairs, result.impostor_pairs) == (14, 77)
         assert 0 < result.threshold < 0.5 and result.false_rejects <= 0.15
+        shipped = read_thresholds(ROOT / "assets" / "thresholds.json")[name]  # what evaluation.check uses
+        assert shipped["threshold"] == pytest.approx(result.threshold, abs=1e-4)
+        assert shipped["model_sha256"] == model_digest(name) and shipped["far"] == 0.01
+
+
+def test_a_threshold_table_keeps_other_models_when_one_is_recalibrated(tmp_path):
+    table = tmp_path / "thresholds.json"
+    assert read_thresholds(table) == {}
+    write_thresholds(table, {"a": {"threshold": 0.3}, "b": {"threshold": 0.4}})
+    write_thresholds(table, {"b": {"threshold": 0.5}})
+    assert read_thresholds(table) == {"a": {"threshold": 0.3}, "b": {"threshold": 0.5}}
+    table.write_text("{}")
+    with pytest.raises(UserError, match="not a threshold table"):
+        read_thresholds(table)

@@ -150,7 +150,7 @@ def test_lpips_without_vgg_weights_names_the_file_and_offers_none(tmp_path, tiny
     def offline(*args, **kwargs):
         raise URLError("network unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr("methods.downloads._download", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     source = write_photo(tmp_path / "in.png")
     face = export_tiny_onnx_face_model(tmp_path / "face")
@@ -316,3 +316,18 @@ def test_an_ensemble_of_face_models_and_the_transfer_levers_from_the_command_lin
         defend.main([*common, "--defend_method", "noise", "--momentum", "1", "--overwrite"])
     with pytest.raises(SystemExit):
         defend.main([*common, "--defend_method", "facelock", "--ti_kernel", "4"])
+
+
+def test_backend_switches_follow_the_flags(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    parse = lambda *extra: defend.parse_args(  # noqa: E731
+        defend.build_parser(), ["--input_path", "a.png", "--defend_method", "encoder", *extra])
+    try:
+        defend.configure_backends(parse("--cudnn_benchmark"))
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        defend.configure_backends(parse("--cudnn_benchmark", "--deterministic"))
+        assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = torch.backends.cudnn.benchmark = False

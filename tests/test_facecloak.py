@@ -25,7 +25,7 @@ from conftest import (
     write_photo,
 )
 from defend import protect_images
-from methods.facecloak import FaceCloak, IdentityMask, place, sticker_regions, template
+from methods.facecloak import FaceCloak, IdentityMask, sticker_regions, template, warp_onto
 from methods.faces import (
     FaceDetector,
     FaceEmbedder,
@@ -36,6 +36,7 @@ from methods.faces import (
     arcface_matrix,
     crop_faces,
 )
+from methods.placement import place
 from utils import UserError, budget_levels, load_image, tensor_to_uint8
 
 FAST = dict(num_iters=3, variations=2)
@@ -123,16 +124,16 @@ def test_the_mask_stays_in_its_per_pixel_budgets_after_warping_and_rounding():
     cloak.detector = landmarks_detector(rotation(template(112)))
     photo = random_images(1, 300, seed=9)
     image = Image.fromarray(tensor_to_uint8(photo))
-    (protected, stats), = protect_images(cloak, [image], [0], torch.device("cpu"), 0)
+    (protected, stats), = protect_images(cloak, [image], [0], torch.device("cpu"), [place(image.size)])
     change = np.abs(protected.astype(int) - np.asarray(image).astype(int))
     _, budget = cloak.cloak(photo)
     allowed = budget_levels(budget[0].permute(1, 2, 0).numpy())
     assert (change <= allowed).all() and stats["linf_255"] <= 32
     # where no pixel of a larger budget is near, the base budget holds; the larger budgets are used
-    larger = place((mask.budget > base + 1e-6).float(), cloak.detector(photo), (300, 300))[0, 0].numpy()
+    larger = warp_onto((mask.budget > base + 1e-6).float(), cloak.detector(photo), (300, 300))[0, 0].numpy()
     assert change[larger == 0].max() <= 8 and change[larger == 1].max() > 19
     # away from the face, nothing changes
-    face_area = place(torch.ones(1, 112, 112), cloak.detector(photo), (300, 300))[0, 0].numpy()
+    face_area = warp_onto(torch.ones(1, 112, 112), cloak.detector(photo), (300, 300))[0, 0].numpy()
     assert change[face_area == 0].max() == 0 and (face_area > 0).mean() < 0.6
 
 
@@ -274,9 +275,11 @@ def test_facecloak_defaults_are_the_paper_s_and_its_options_are_checked(tmp_path
     args = parse()
     assert (args.attack_budget, args.step_size, args.num_iters, args.sticker_budget) == (0.0628, 0.0157, 10, 0.251)
     assert parse("--attack_budget", "0.03", "--preset", "small").attack_budget == 0.03
-    for bad in (["--focus", "eyes"], ["--focus", ""], ["--mask_size", "100"], ["--sticker_budget", "2"]):
+    for bad in (["--focus", "eyes"], ["--focus", ""], ["--mask_size", "100"], ["--sticker_budget", "2"],
+                ["--region", "face"]):  # the mask goes onto the faces themselves
         with pytest.raises(SystemExit):
             parse(*bad)
+    assert parse("--region", "full").region == "full"
     with pytest.raises(SystemExit):
         defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", "--mask",
                                                   "m.safetensors"])

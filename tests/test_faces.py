@@ -105,17 +105,22 @@ def test_onnx_face_models_load_with_their_card(tmp_path):
         load_onnx_embedder(tmp_path / "missing.onnx")
 
 
-def test_facenet_loader_with_a_random_inception_resnet(monkeypatch):
+def test_facenet_loader_with_a_random_inception_resnet(monkeypatch, tmp_path):
     import facenet_pytorch
 
+    from methods.downloads import FACENET_VGGFACE2
     from methods.faces import load_facenet
 
-    asked = []
+    asked, fetched = [], []
     real = facenet_pytorch.InceptionResnetV1
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(facenet_pytorch, "InceptionResnetV1",
                         lambda pretrained=None: asked.append(pretrained) or real(pretrained=None))
+    monkeypatch.setattr("methods.downloads.fetch", lambda pinned, path: fetched.append((pinned, path)))
     identity = FaceIdentity(load_facenet(), centre_faces)
     assert asked == ["vggface2"] and identity.embedder.alignment == "box" and identity.embedder.size == (160, 160)
+    # the checked weights go where facenet-pytorch reads them, so it never downloads an unchecked copy
+    assert fetched == [(FACENET_VGGFACE2, tmp_path / "checkpoints" / "20180402-114759-vggface2.pt")]
     with torch.no_grad():
         embeddings, faces, _ = identity.embed(random_images(1, size=96))
     assert embeddings.shape == (1, 512) and torch.allclose(embeddings.norm(dim=1), torch.ones(1))

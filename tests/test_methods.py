@@ -123,6 +123,23 @@ def test_step_size_decays_linearly_as_in_the_official_code():
     assert attack.step_size_at(100) == pytest.approx(0.0001)
 
 
+def test_other_step_schedules():
+    cosine = PGDAttack(step_size=0.01, num_iters=100, schedule="cosine")
+    assert cosine.step_size_at(0) == pytest.approx(0.01) and cosine.step_size_at(100) == pytest.approx(0.0001)
+    assert cosine.step_size_at(50) == pytest.approx((0.01 + 0.0001) / 2)
+    assert cosine.step_size_at(25) > PGDAttack(step_size=0.01, num_iters=100).step_size_at(25)  # slower decay early
+    assert PGDAttack(step_size=0.01, schedule="constant").step_size_at(99) == 0.01
+    with pytest.raises(ValueError, match="schedule"):
+        PGDAttack(schedule="exponential")
+
+
+def test_a_monitor_sees_every_iterate():
+    attack, seen = build("encoder", num_iters=4), []
+    attack.monitor = lambda i, x_adv: seen.append((i, x_adv.clone()))
+    out = attack(random_images(1), seeded(0))
+    assert [i for i, _ in seen] == [0, 1, 2, 3] and torch.equal(seen[-1][1], out)
+
+
 def test_uniform_noise_per_sample_streams_match_single_draws():
     like = torch.zeros(2, 3, 4, 4)
     batch = uniform_noise(like, -0.1, 0.1, seeded(3, 4))

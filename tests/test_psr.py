@@ -79,9 +79,12 @@ def people_folder(root: Path) -> Path:
 
 @pytest.fixture
 def tiny_models(monkeypatch):
+    import utils
+
     identity = tiny_face_identity()
     identity.embedder.name = "tiny"
     monkeypatch.setattr(eval_psr, "face_models", lambda spec, device: ({"tiny": identity}, centre_faces))
+    monkeypatch.setattr(utils, "load_face_identity", lambda spec, device: identity)  # the one-pass evaluator's
 
 
 def test_eval_psr_scores_protected_probes_against_the_unprotected_control(tmp_path, tiny_models, capsys):
@@ -105,7 +108,7 @@ def test_eval_psr_scores_protected_probes_against_the_unprotected_control(tmp_pa
     assert "| protected | 33% | 0% | 33% | 3 |" in printed and "1 probes match no gallery photo" in printed
 
 
-def test_the_one_pass_evaluator_reports_psr_of_edits(tmp_path, tiny_models):
+def test_the_one_pass_evaluator_s_psr_with_a_gallery_adds_the_identification_psr(tmp_path, tiny_models):
     gallery = people_folder(tmp_path / "gallery")
     for label, source in (("clean", {"p1": "p1", "q1": "q1"}), ("cloaked", {"p1": "q1", "q1": "q1"})):
         for name, image in source.items():
@@ -113,11 +116,18 @@ def test_the_one_pass_evaluator_reports_psr_of_edits(tmp_path, tiny_models):
             write(tmp_path / label / "seed0" / "prompt0" / f"{name}.png", photo)
     argv = ["--src_dir", str(gallery), "--clean_edit_dir", str(tmp_path / "clean"), "--defend_edit_dirs",
             str(tmp_path / "cloaked"), "--seed", "0", "--output", str(tmp_path / "out"), "--fr_model", "tiny"]
-    keys = runner.METRIC_KEYS + runner.OPTIONAL_KEYS
-    with pytest.raises(runner.UserError, match="--psr_gallery"):
-        runner.cli(keys, "test", [*argv, "--metrics", "psr"])
-    assert runner.cli(keys, "test", [*argv, "--metrics", "psr", "--psr_gallery", str(gallery)]) == 0
-    with (tmp_path / "out" / "psr_top1_tiny.csv").open() as f:
-        rows = {r["method"]: float(r["mean"]) for r in csv.DictReader(f)}
-    assert rows == {"clean": 0.0, "cloaked": 0.5}
-    assert "PSR top-1 (tiny) ↑" in (tmp_path / "out" / "results.md").read_text()
+    def means(key: str) -> dict[str, float]:
+        with (tmp_path / "out" / f"{key}.csv").open() as f:
+            return {r["method"]: float(r["mean"]) for r in csv.DictReader(f)}
+
+    # without a gallery: the verification PSR against the source photo only, at the given threshold
+    assert runner.cli(runner.METRIC_KEYS, "test", [*argv, "--metrics", "psr", "--fr_threshold", "0.9998"]) == 0
+    assert means("psr") == {"clean": 0.0, "cloaked": 0.5}  # p1's edit shows q
+    assert not (tmp_path / "out" / "psr_top1_tiny.csv").exists()
+    # with one: the same metric, calibrated on the gallery, and the identification PSR against it
+    assert runner.cli(runner.METRIC_KEYS, "test", [*argv, "--metrics", "psr", "--psr_gallery", str(gallery)]) == 0
+    assert means("psr") == {"clean": 0.0, "cloaked": 0.5}
+    assert means("psr_top1_tiny") == {"clean": 0.0, "cloaked": 0.5}
+    assert means("psr_verification_tiny") == {"clean": 0.0, "cloaked": 0.5}
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "PSR ↑" in table and "PSR top-1 (tiny) ↑" in table

@@ -109,7 +109,7 @@ def embed_largest(models: dict[str, object], detector, images: torch.Tensor) -> 
     return out
 
 
-class ProtectionSuccess(SourceMetric):
+class GalleryPSR(SourceMetric):
     """One PSR (`kind`: top1, top5 or verification) by one face model, scored per edit (the probe) against a
     `Gallery`; edits are named after their source photo, which tells the person. The edits of a batch are embedded
     once for every PSR metric sharing the same `Probes`."""

@@ -1,0 +1,134 @@
+"""Where and at what size a photo is attacked, and how the perturbation goes back onto it.
+
+A `Placement` maps a photo of any size to the work image an attack sees: a region of the photo (the whole photo,
+or a square around its faces), scaled down so that its long side is at most `max_size`, and padded (edge pixels
+repeated) up to a size bucket, a multiple of `bucket` pixels (8 at least, for the autoencoders). The bucket depends
+only on the photo itself, so a photo gets the same work image alone or batched with others of its bucket.
+
+After the attack, `paste` cuts the perturbation out of the padding, scales it back up and adds it to the region in
+8 bits, strip by strip: every pixel moves by at most the budget after rounding, the rest of the photo is left
+untouched, and a photo of hundreds of megapixels never exists as a float tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+#: Rows of the full-resolution photo processed at a time by `paste`.
+STRIP_ROWS = 256
+#: Long side at which faces are detected when choosing a face region (a huge photo is looked at in a smaller copy).
+DETECTION_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Placement:
+    """`box` (left, top, right, bottom) is the attacked region in photo pixels; `work` (width, height) its size once
+    scaled; `padded` (width, height) the work image's size with its padding."""
+
+    size: tuple[int, int]
+    box: tuple[int, int, int, int]
+    work: tuple[int, int]
+    padded: tuple[int, int]
+
+    @property
+    def scaled(self) -> bool:
+        return self.work != (self.box[2] - self.box[0], self.box[3] - self.box[1])
+
+
+def place(size: tuple[int, int], box: tuple[int, int, int, int] | None = None, max_size: int = 0,
+          bucket: int = 8) -> Placement:
+    """The placement of a `size` (width, height) photo: attacked in `box` (default: all of it), scaled down to a long
+    side of `max_size` where it is longer (0: never), padded to a multiple of `bucket` (a multiple of 8)."""
+    if bucket < 8 or bucket % 8:
+        raise ValueError(f"the size bucket must be a multiple of 8, got {bucket}")
+    width, height = size
+    box = box or (0, 0, width, height)
+    region = (box[2] - box[0], box[3] - box[1])
+    scale = max_size / max(region) if max_size and max(region) > max_size else 1.0
+    work = (max(round(region[0] * scale), 1), max(round(region[1] * scale), 1))
+    padded = (math.ceil(work[0] / bucket) * bucket, math.ceil(work[1] / bucket) * bucket)
+    return Placement(size=(width, height), box=box, work=work, padded=padded)
+
+
+def face_region(image: Image.Image, detector: Callable[[torch.Tensor], object], scale: float = 2.0,
+                margin: int = 32) -> tuple[int, int, int, int] | None:
+    """A square around every face the detector finds: the faces' bounding box, its long side times `scale`, plus
+    `margin` pixels on each side (the autoencoder's receptive field), a multiple of 8, moved inside the photo (and
+    cut to it where the photo is smaller). None where no face is found. Faces are detected on a copy at most
+    `DETECTION_SIZE` pixels long."""
+    factor = min(1.0, DETECTION_SIZE / max(image.size))
+    small = image if factor == 1.0 else image.resize(
+        (max(round(image.width * factor), 1), max(round(image.height * factor), 1)), Image.BILINEAR)
+    array = np.asarray(small, dtype=np.float32)
+    faces = detector(torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1)
+    if len(faces.boxes) == 0:
+        return None
+    boxes = faces.boxes.detach().cpu().double() / factor
+    x0, y0 = boxes[:, 0].min().item(), boxes[:, 1].min().item()
+    x1, y1 = boxes[:, 2].max().item(), boxes[:, 3].max().item()
+    side = math.ceil((max(x1 - x0, y1 - y0) * scale + 2 * margin) / 8) * 8
+    width, height = image.size
+    w, h = min(side, width), min(side, height)
+    left = min(max(round((x0 + x1 - w) / 2), 0), width - w)
+    top = min(max(round((y0 + y1 - h) / 2), 0), height - h)
+    return (left, top, left + w, top + h)
+
+
+def work_image(image: Image.Image, placement: Placement) -> torch.Tensor:
+    """The `1 x 3 x H x W` work image in `[-1, 1]`: the region, scaled (Pillow's antialiased bilinear) and padded."""
+    region = image.crop(placement.box) if placement.box != (0, 0, *placement.size) else image
+    if placement.scaled:
+        region = region.resize(placement.work, Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(region, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    (w, h), (pw, ph) = placement.work, placement.padded
+    return F.pad(x, (0, pw - w, 0, ph - h), mode="replicate") if (pw, ph) != (w, h) else x
+
+
+def _rows(source: int, target: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For target rows `start..stop` of a `source -> target` bilinear resize (align_corners=False, as
+    `F.interpolate`): the two source rows each reads and the weight of the second."""
+    position = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * source / target - 0.5).clamp_min(0)
+    first = position.floor().long().clamp_max(source - 1)
+    second = (first + 1).clamp_max(source - 1)
+    return first, second, (position - first).float()
+
+
+def paste(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: float) -> tuple[np.ndarray, dict]:
+    """Add the perturbation `delta` (`3 x H x W` on the padded work image, `[-1, 1]` units) to the photo's region.
+
+    Each pixel of the region moves by the perturbation scaled back to the region's size, rounded to whole 8-bit
+    levels and capped at the largest whole number of levels within `eps`; the result stays in 0..255. Returns the
+    protected 8-bit photo and its distance to the photo: L-infinity in 1/255 and PSNR in dB.
+    """
+    levels = int(np.floor(eps * 127.5 + 1e-6))
+    (w, h), (left, top, right, bottom) = placement.work, placement.box
+    region_w, region_h = right - left, bottom - top
+    delta = delta.detach().float().cpu()[:, :h, :w].clamp(-eps, eps) * 127.5
+    if placement.scaled:  # the width now, the height strip by strip below
+        delta = F.interpolate(delta[None], size=(h, region_w), mode="bilinear", align_corners=False)[0]
+    delta = delta.permute(1, 2, 0).contiguous()  # rows x columns x channels, as the photo's array
+    out = np.array(image)
+    worst, squared = 0, 0.0
+    for start in range(0, region_h, STRIP_ROWS):
+        stop = min(start + STRIP_ROWS, region_h)
+        if placement.scaled:
+            first, second, weight = _rows(h, region_h, start, stop)
+            strip = torch.lerp(delta[first], delta[second], weight[:, None, None])
+        else:
+            strip = delta[start:stop]
+        clean = torch.from_numpy(out[top + start:top + stop, left:right])
+        before = clean.to(torch.int16)
+        protected = strip.round().clamp_(-levels, levels).to(torch.int16).add_(before).clamp_(0, 255)
+        change = before.sub_(protected).abs_()
+        worst = max(worst, int(change.max()))
+        squared += float(torch.linalg.vector_norm(change.float(), dtype=torch.float64)) ** 2
+        clean.copy_(protected)  # writes into `out`
+    mse = squared / out.size / 255**2
+    return out, {"linf_255": worst, "psnr": float("inf") if mse == 0 else float(10 * np.log10(1 / mse))}
