@@ -19,13 +19,16 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from defend import (
-    NO_FACE_HINT,
     add_protection_arguments,
     budget_in_255,
     build_attack,
     configure_backends,
     create_argparser,
     describe_attack,
+    learn_mask,
+    load_mask,
+    mask_provenance,
+    no_face_hint,
     parse_args,
     placements,
     protect_images,
@@ -81,7 +84,10 @@ DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters"
             "target_model", "model_id", "vae", "fr_model", "fr_combine", "faces", "allow_no_face", "lpips", "target_fr",
             "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "schedule", "max_size", "region",
             "bucket", "norm", "fidelity_weight", "diffusion_steps", "grad_reps", "guidance_scale",
-            "image_guidance_scale", "strength", "attack_prompt")
+            "image_guidance_scale", "strength", "attack_prompt", "mask", "gallery", "focus", "sticker_budget",
+            "highpass_budget", "variations", "mask_size", "arc2face")
+#: Where a facecloak run keeps the identity mask it learned, beside the outputs.
+MASK_FILE = "facecloak_mask.safetensors"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,9 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f" in {run.num_processes} processes" if run.num_processes > 1 else "")
               + f"; output {folder}")
     configure_backends(args)
-    attack = build_attack(args, device, progress=run.is_main) if mine else None
+    learning = args.defend_method == "facecloak" and not args.mask and bool(pending)
+    attack = build_attack(args, device, progress=run.is_main) if mine or (learning and run.is_main) else None
     if attack is not None and run.is_main:
         print(f"{describe_attack(args, attack)} on {device}")
+    if learning or args.mask:
+        run.manifest["mask"] = facecloak_mask(args, attack, sources, folder, run)
 
     bar = progress_bar(total=len(mine), desc="images", unit="img", disable=not run.is_main)
     unreadable: queue.SimpleQueue = queue.SimpleQueue()  # filled by the loading thread, recorded here
@@ -163,6 +172,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run.report(f"protected {protected}, already done {finished}", folder)
 
 
+def facecloak_mask(args: argparse.Namespace, attack, sources: list[Path], folder: Path, run: BatchRun) -> dict:
+    """The identity mask this folder is protected with, and its provenance: `--mask`, or the mask learned here
+    before (a rerun resumes with it), or one learned now from the folder's photos by the main process and saved
+    beside the outputs."""
+    path = Path(args.mask) if args.mask else folder / MASK_FILE
+    if not args.mask and run.is_main:
+        if args.overwrite or not path.exists():
+            learn_mask(args, attack, sources, path)
+        else:
+            print(f"applying the mask learned for this folder before: {path}")
+    run.processes.wait_for_everyone()
+    mask = load_mask(path)
+    if attack is not None:
+        attack.use(mask)
+    return mask_provenance(mask, path)
+
+
 def protect_batch(attack, batch: list[tuple[Path, Path, Image.Image, Placement]], args: argparse.Namespace, device,
                   run: BatchRun, writer: BackgroundWriter) -> None:
     """Protect one batch and hand each result to the writer, which records it once written; record each failure.
@@ -175,7 +201,7 @@ def protect_batch(attack, batch: list[tuple[Path, Path, Image.Image, Placement]]
                                      [placement for _, _, _, placement in batch])
         except NoFaceError as error:
             for i in sorted(error.missing, reverse=True):
-                run.fail(str(batch.pop(i)[0]), f"no face found ({NO_FACE_HINT})")
+                run.fail(str(batch.pop(i)[0]), f"no face found ({no_face_hint(args.defend_method)})")
             continue
         except RuntimeError as error:  # e.g. out of memory on a large photo
             logger.exception("protecting %s failed", ", ".join(str(s) for s, _, _, _ in batch))

@@ -197,18 +197,24 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float, norm: str = "linf") -> np.ndarray:
-    """Round a protected image to 8 bits without leaving the budget: each pixel moves from the clean 8-bit value
-    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units).
+def budget_levels(eps: float | np.ndarray) -> float | np.ndarray:
+    """The largest whole number of 8-bit levels within a budget `eps` ([-1, 1] units; a number, or a per-pixel
+    `H x W x 1` array)."""
+    return np.floor(np.asarray(eps, dtype=np.float64) * 127.5 + 1e-6)
 
-    With `norm="l2"` (`eps` the L2 length of the whole perturbation in `[-1, 1]` units), pixels are rounded to the
-    nearest level, and where that makes the perturbation longer than `eps`, the pixels rounded furthest away from
-    the clean value are rounded toward it instead, until it fits (rounding all of them toward it always fits)."""
+
+def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float | np.ndarray, norm: str = "linf") -> np.ndarray:
+    """Round a protected image to 8 bits without leaving the budget: each pixel moves from the clean 8-bit value
+    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units; a
+    number, or a per-pixel `H x W x 1` array).
+
+    With `norm="l2"` (`eps` the L2 length of the whole perturbation in `[-1, 1]` units), the perturbation is rounded
+    within that length (`methods.placement.round_within_l2`)."""
     adversarial = (x_adv.detach().float().cpu().reshape(-1, *x_adv.shape[-2:]).permute(1, 2, 0).numpy() + 1) * 127.5
     exact = adversarial - clean.astype(np.float64)
     if norm == "l2":
         return round_within_l2(exact, clean, eps * 127.5)
-    levels = int(np.floor(eps * 127.5 + 1e-6))
+    levels = budget_levels(eps)
     delta = np.clip(np.round(exact), -levels, levels)
     return np.clip(clean.astype(np.int64) + delta, 0, 255).astype(np.uint8)
 

@@ -2,6 +2,9 @@
 
     python -m evaluation.evaluate --src_dir photos --clean_edit_dir edits/clean \
         --defend_edit_dirs edits/facelock edits/encoder --seed 0 --output results/
+
+`--metrics ...,psr` adds the protection success rate; with `--psr_gallery DIR` also FaceCloak's identification PSR
+of the edits against that gallery (see `evaluation.eval_psr`).
 """
 
 from evaluation.runner import METRIC_KEYS, cli

@@ -246,16 +246,22 @@ def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentPars
     if "fr" in keys:
         parser.add_argument("--fr_model", default="facenet",
                             help="face model judging identity: facenet, sface, mobilefacenet, mobileface, adaface (runs "
-                                 "code from its hub repository) or an .onnx path")
+                                 "code from its hub repository) or an .onnx path (psr with --psr_gallery: a "
+                                 "comma-separated list scores the gallery PSR by each)")
         parser.add_argument("--fr_landmarks", default="detect", choices=["detect", "source"],
                             help="find the face in each edit again (default) or crop where the source's face was")
         parser.add_argument("--far", type=float, default=0.01,
                             help="psr: false-accept rate at which --fr_model's threshold is calibrated")
         parser.add_argument("--calibration_faces",
                             help="psr: labelled photos to calibrate the threshold on (a labels.csv or one folder per "
-                                 "person; default: $FACELOCK_ASSETS/faces)")
+                                 "person; default: --psr_gallery if given, else $FACELOCK_ASSETS/faces)")
         parser.add_argument("--fr_threshold", type=float,
                             help="psr: use this similarity threshold instead of calibrating one")
+        parser.add_argument("--psr_gallery",
+                            help="psr: also FaceCloak's identification PSR (top-1, top-5 and verification against "
+                                 "this gallery of labelled clean photos: labels.csv or one folder per person); edits "
+                                 "are named after their source photo there")
+        parser.add_argument("--psr_distractors", help="psr with --psr_gallery: photos of other people added to it")
     return parser
 
 
@@ -282,15 +288,36 @@ def build_metrics(keys: Sequence[str], args: argparse.Namespace, device: torch.d
             else:
                 threshold = args.fr_threshold if args.fr_threshold is not None else fr_threshold(identity, args, device)
                 metrics.append(ProtectionSuccess(identity, threshold, reuse_landmarks=args.fr_landmarks == "source"))
+                if args.psr_gallery:
+                    metrics += gallery_psr_metrics(identity, args)
     return metrics
 
 
+def gallery_psr_metrics(identity, args: argparse.Namespace) -> list[Metric]:
+    """FaceCloak's identification PSR of the edits (top-1, top-5 and verification) by each face model of
+    `--fr_model` against `--psr_gallery`, at `--fr_threshold`, or at `--far` on `--calibration_faces` (default: the
+    gallery's own pairs, as `fr_threshold`)."""
+    from .eval_psr import by_name, load_gallery
+    from .metrics.psr import KINDS, GalleryPSR, Probes
+
+    models, detector = by_name(identity)
+    distractors = Path(args.psr_distractors) if args.psr_distractors else None
+    calibration = Path(args.calibration_faces) if args.calibration_faces else None
+    gallery, _ = load_gallery(Path(args.psr_gallery), models, detector, args.far, distractors, calibration)
+    if args.fr_threshold is not None:
+        gallery.thresholds = {model: args.fr_threshold for model in models}
+    probes = Probes(gallery, models, detector)
+    return [GalleryPSR(probes, model, kind) for model in models for kind in KINDS]
+
+
 def fr_threshold(identity, args: argparse.Namespace, device: torch.device) -> float:
-    """The threshold of the face model at `--far`, calibrated on `--calibration_faces`."""
+    """The threshold of the face model at `--far`, calibrated on `--calibration_faces` (default: `--psr_gallery`,
+    else the offline assets' faces)."""
     from .calibration import calibrate, default_faces, labelled_photos
 
     try:
-        faces = Path(args.calibration_faces) if args.calibration_faces else default_faces()
+        chosen = args.calibration_faces or args.psr_gallery
+        faces = Path(chosen) if chosen else default_faces()
     except UserError:
         raise UserError("psr needs --fr_model's threshold: pass --calibration_faces (labelled photos), "
                         "--fr_threshold, or set FACELOCK_ASSETS to a folder holding faces/") from None

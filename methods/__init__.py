@@ -1,6 +1,7 @@
 """Protection methods. Importing the package fills the registry; nothing is loaded at import time."""
 
-from . import encoder, vae, cw, facelock, noise, editshield, diffusion  # noqa: F401, I001  (each registers its method, in this order)
+# each registers its method, in this order
+from . import encoder, vae, cw, facelock, noise, editshield, diffusion, facecloak  # noqa: F401, I001
 from .base import Attack, PGDAttack, frozen
 from .registry import METHODS, create, describe, get_method
 

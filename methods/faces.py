@@ -100,24 +100,39 @@ class FaceDetector:
         )
 
 
+def arcface_matrix(points: np.ndarray, size: tuple[int, int] = (112, 112)) -> np.ndarray:
+    """The 2 x 3 similarity taking five landmarks (image pixels) onto the ArcFace template scaled to `size`
+    (height, width): the 5-point alignment of ArcFace-style models."""
+    height, width = size
+    template = ARCFACE_TEMPLATE * np.array([width / 112, height / 112])
+    return SimilarityTransform.from_estimate(np.asarray(points, dtype=np.float64), template).params[:2]
+
+
 def _pixel_to_unit(height: int, width: int) -> np.ndarray:
     """Pixel coordinates (pixel centres at integers) to grid_sample's [-1, 1] (align_corners=False)."""
     return np.array([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]])
 
 
-def crop_faces(images: torch.Tensor, faces: Faces, matrices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Differentiable crops: face `k` of image `faces.index[k]` warped by `matrices[k]` (2 x 3, image pixels to
-    crop pixels) into a `size` (height, width) crop. Outside the image is black, as with OpenCV's warpAffine."""
-    height, width = images.shape[-2:]
+def warp_affine(t: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int], padding: str = "zeros"
+                ) -> torch.Tensor:
+    """Differentiable bilinear warp: `t[k]` (`K x C x h x w`) moved by `matrices[k]` (2 x 3, from `t`'s pixels to the
+    output's) onto a `size` (height, width) output; where the output falls outside `t` it is zero, or with
+    `padding="border"` the nearest edge value."""
+    height, width = t.shape[-2:]
     thetas = []
     for m in matrices.detach().cpu().double().numpy():
         forward = np.vstack([m, [0, 0, 1]])
         theta = _pixel_to_unit(height, width) @ np.linalg.inv(forward) @ np.linalg.inv(_pixel_to_unit(*size))
         thetas.append(theta[:2])
-    theta = torch.tensor(np.array(thetas).reshape(-1, 2, 3), dtype=images.dtype, device=images.device)
-    grid = F.affine_grid(theta, [len(theta), 3, *size], align_corners=False)
-    return F.grid_sample(images[faces.index] + 1, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False) - 1
+    theta = torch.tensor(np.array(thetas).reshape(-1, 2, 3), dtype=t.dtype, device=t.device)
+    grid = F.affine_grid(theta, [len(theta), t.shape[1], *size], align_corners=False)
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def crop_faces(images: torch.Tensor, faces: Faces, matrices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Differentiable crops: face `k` of image `faces.index[k]` warped by `matrices[k]` (2 x 3, image pixels to
+    crop pixels) into a `size` (height, width) crop. Outside the image is black, as with OpenCV's warpAffine."""
+    return warp_affine(images[faces.index] + 1, matrices, size) - 1
 
 
 class FaceEmbedder(nn.Module):
@@ -150,8 +165,7 @@ class FaceEmbedder(nn.Module):
         out = []
         for box, points in zip(faces.boxes.cpu().double().numpy(), faces.landmarks.cpu().double().numpy()):
             if self.alignment == "arcface":
-                template = ARCFACE_TEMPLATE * np.array([width / 112, height / 112])
-                out.append(SimilarityTransform.from_estimate(points, template).params[:2])
+                out.append(arcface_matrix(points, (height, width)))
             else:
                 x0, y0, x1, y1 = box
                 sx, sy = width / max(x1 - x0, 1e-6), height / max(y1 - y0, 1e-6)

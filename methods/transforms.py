@@ -1,5 +1,6 @@
 """What may happen to a protected photo before it is edited: JPEG, resizing, blur, noise, colour jitter,
-quantization, rotation and cropping. Each transform maps `N x 3 x H x W` images in `[-1, 1]` to the same shape and
+quantization, rotation and cropping; and how another photo of the same face may differ (pose, lighting), for
+FaceCloak's synthetic variations. Each transform maps `N x 3 x H x W` images in `[-1, 1]` to the same shape and
 range.
 
 Every transform except `PillowJPEG` is differentiable (rounding passes gradients straight through), so the PGD
@@ -254,6 +255,50 @@ class ResizePad(Transform):
         top, left = _offset(height - h, generator), _offset(width - w, generator)
         small = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         return F.pad(small, (left, width - w - left, top, height - h - top), value=0.0)
+
+
+class RandomAffine(Transform):
+    """A small change of pose: rotation (degrees), scale, shear (degrees) and translation (fraction of the side),
+    about the image centre, drawn per image; borders repeat the edge pixels. `matrix` gives the drawn 2 x 3 pixel
+    matrix, so that landmarks can follow the image."""
+
+    def __init__(self, degrees: Range = (-10.0, 10.0), scale: Range = (0.9, 1.1), shear: Range = (-5.0, 5.0),
+                 translate: Range = (-0.04, 0.04)) -> None:
+        self.degrees, self.scale, self.shear, self.translate = degrees, scale, shear, translate
+
+    def matrix(self, generator: torch.Generator | None, height: int, width: int) -> np.ndarray:
+        angle, shear = (math.radians(_draw(v, generator)) for v in (self.degrees, self.shear))
+        scale = _draw(self.scale, generator)
+        shift = np.array([_draw(self.translate, generator) * width, _draw(self.translate, generator) * height])
+        linear = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) @ \
+            np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
+        centre = np.array([(width - 1) / 2, (height - 1) / 2])
+        return np.hstack([linear, (centre - linear @ centre + shift)[:, None]])
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        from .faces import warp_affine
+
+        height, width = x.shape[-2:]
+        matrix = torch.from_numpy(self.matrix(generator, height, width))[None]
+        return warp_affine(x, matrix, (height, width), padding="border")
+
+
+class Lighting(Transform):
+    """Light from one side: the image (in `[0, 1]`) is multiplied by a ramp `1 + strength * d` across it, where `d`
+    runs from -1 to 1 along a random direction, then raised to the power `gamma`."""
+
+    def __init__(self, strength: Range = (0.0, 0.3), gamma: Range = (0.8, 1.25)) -> None:
+        self.strength, self.gamma = strength, gamma
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        angle = _draw((0.0, 2 * math.pi), generator)
+        strength, gamma = _draw(self.strength, generator), _draw(self.gamma, generator)
+        v = torch.linspace(-1, 1, height, dtype=x.dtype, device=x.device)[:, None]
+        u = torch.linspace(-1, 1, width, dtype=x.dtype, device=x.device)[None, :]
+        ramp = 1 + strength * (math.cos(angle) * u + math.sin(angle) * v) / math.sqrt(2)
+        lit = ((x + 1) / 2 * ramp).clamp(1e-6, 1) ** gamma
+        return lit * 2 - 1
 
 
 class Compose(Transform):

@@ -16,8 +16,10 @@ from methods.transforms import (
     Crop,
     GaussianBlur,
     GaussianNoise,
+    Lighting,
     PillowJPEG,
     Quantize,
+    RandomAffine,
     RandomChoice,
     Resize,
     Rotate,
@@ -30,6 +32,7 @@ TRANSFORMS = {
     "blur": GaussianBlur(1.0), "noise": GaussianNoise(4.0), "jitter": ColorJitter(), "quantize": Quantize(5),
     "compose": Compose(Resize(0.5), PillowJPEG(75)), "eot": eot_transform(list(EOT_TRANSFORMS)),
     "rotate": Rotate((-10.0, 10.0)), "crop": Crop((0.7, 0.9)),
+    "pose": RandomAffine(), "lighting": Lighting(),
 }
 
 
@@ -89,6 +92,26 @@ def test_fixed_transforms_do_what_they_say():
     assert noise.std().item() * 127.5 == pytest.approx(4.0, rel=0.05)
     with pytest.raises(ValueError, match="unknown EOT"):
         eot_transform(["jpeg", "sepia"])
+
+
+def test_pose_moves_the_image_and_its_matrix_moves_points_alike():
+    x = torch.full((1, 3, 64, 64), -1.0)
+    x[..., 20, 40] = 1.0  # a bright dot at (x=40, y=20)
+    quarter = RandomAffine(degrees=90.0, scale=1.0, shear=0.0, translate=0.0)
+    assert torch.allclose(quarter(x), torch.rot90(x, k=-1, dims=(2, 3)), atol=1e-5)  # y down: a clockwise turn
+    pose = RandomAffine(degrees=12.0, scale=0.8, shear=3.0, translate=0.05)
+    moved = pose(x, seeded(5))[0, 0]
+    matrix = pose.matrix(seeded(5)[0], 64, 64)  # the draw the call made
+    target = matrix @ [40, 20, 1]
+    y, x_ = divmod(int(moved.argmax()), 64)
+    assert abs(x_ - target[0]) <= 1 and abs(y - target[1]) <= 1
+
+
+def test_lighting_brightens_one_side_and_is_neutral_without_strength():
+    x = torch.zeros(1, 3, 32, 32)
+    assert torch.allclose(Lighting(strength=0.0, gamma=1.0)(x, seeded(0)), x, atol=1e-6)
+    lit = Lighting(strength=0.5, gamma=1.0)(x, seeded(0))
+    assert lit.max() - lit.min() > 0.4  # a ramp across the image
 
 
 def test_eot_changes_the_attack_and_keeps_batch_equal_to_single_runs():
