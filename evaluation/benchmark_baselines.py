@@ -120,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   checkpointing, args.repeats)
             label = method if method == "editshield" else (
                 f"diffusion, {args.steps} steps, {'with' if checkpointing else 'without'} checkpointing")
-            lines.append(f"| {label} | {size} | {seconds:.2f} | {seconds * passes:.1f} ({passes} pass"
-                         f"{'es' if passes > 1 else ''}) | {seconds * passes * iterations / 60:.1f} ({iterations} "
+            lines.append(f"| {label} | {size} | {seconds:.2f} | {seconds * passes:.2f} ({passes} pass"
+                         f"{'es' if passes > 1 else ''}) | {seconds * passes * iterations / 60:.2f} ({iterations} "
                          f"iterations) | {megabytes / 1024:.1f} |")
             print(lines[-1], flush=True)
     if args.output:
