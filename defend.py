@@ -71,13 +71,13 @@ DEFAULTS = dict(
     mask_size=112, arc2face=0,
 )
 #: Defaults of one method, over the preset's (flags given explicitly still win): FaceCloak's paper budget 8/255,
-#: step 2/255 and 10 passes, in [-1, 1] units.
-METHOD_DEFAULTS = {"facecloak": {"attack_budget": 0.0628, "step_size": 0.0157, "num_iters": 10}}
+#: step 2/255 and 10 passes, in [-1, 1] units, and its mask warped onto the whole photo (whatever the preset's region).
+METHOD_DEFAULTS = {"facecloak": {"attack_budget": 0.0628, "step_size": 0.0157, "num_iters": 10, "region": "full"}}
 #: Named groups of defaults; flags given explicitly still win.
 PRESETS = {
     "official": {},
     "paper": {"attack_budget": 0.02, "step_size": 0.003},
-    "small": {"vae": "madebyollin/taesd", "fr_model": "sface", "lpips": "none"},
+    "small": {"vae": "madebyollin/taesd", "fr_model": "sface", "lpips": "none", "region": "face"},
 }
 PRESET_HELP = ("official: the FaceLock code's defaults (full editor VAE, budget 0.03, step 0.01); "
                "paper: the paper's budget 0.02 and step 0.003; "

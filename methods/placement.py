@@ -57,7 +57,7 @@ def place(size: tuple[int, int], box: tuple[int, int, int, int] | None = None, m
     return Placement(size=(width, height), box=box, work=work, padded=padded)
 
 
-def face_region(image: Image.Image, detector: Callable[[torch.Tensor], object], scale: float = 2.0,
+def face_region(image: Image.Image, detector: Callable[[torch.Tensor], object], scale: float = 1.25,
                 margin: int = 32) -> tuple[int, int, int, int] | None:
     """A square around every face the detector finds: the faces' bounding box, its long side times `scale`, plus
     `margin` pixels on each side (the autoencoder's receptive field), a multiple of 8, moved inside the photo (and

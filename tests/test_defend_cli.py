@@ -55,7 +55,8 @@ def test_targeted_flags_and_presets():
     assert parse("--target_model", "stable-diffusion").model_id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert parse("--target_model", "stable-diffusion", "--model_id", "my/sd").model_id == "my/sd"
     small = parse("--preset", "small")
-    assert (small.vae, small.fr_model, small.lpips) == ("madebyollin/taesd", "sface", "none")
+    assert (small.vae, small.fr_model, small.lpips, small.region) == ("madebyollin/taesd", "sface", "none", "face")
+    assert parse("--preset", "small", "--region", "full").region == "full"
 
 
 @pytest.mark.parametrize("script", ["defend.py", "main_defend.py"])

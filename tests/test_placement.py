@@ -102,7 +102,7 @@ def boxes_detector(boxes, seen=None):
 def test_a_face_region_is_a_square_around_every_face_inside_the_photo():
     image = photo(400, 300)
     left, top, right, bottom = face_region(image, boxes_detector([[150, 120, 170, 150], [200, 130, 220, 160]]))
-    assert right - left == bottom - top == 208  # (220 - 150) * 2 + 2 * 32, up to a multiple of 8
+    assert right - left == bottom - top == 152  # (220 - 150) * 1.25 + 2 * 32, up to a multiple of 8
     assert left <= 150 and top <= 120 and right >= 220 and bottom >= 160  # both faces
     corner = face_region(image, boxes_detector([[0, 0, 30, 30]]))
     assert corner[:2] == (0, 0)  # moved inside the photo
@@ -115,7 +115,7 @@ def test_faces_of_a_huge_photo_are_found_in_a_smaller_copy(monkeypatch):
     seen = []
     box = face_region(photo(400, 200), boxes_detector([[10, 10, 20, 20]], seen))
     assert seen == [(50, 100)]
-    assert box == (0, 0, 144, 144)  # the detected box scaled back (40 px), times 2, plus 2 x 32
+    assert box == (0, 0, 120, 120)  # the detected box scaled back (40 px), times 1.25, plus 2 x 32
 
 
 def test_photos_of_one_bucket_give_the_same_result_batched_or_alone():
@@ -143,6 +143,6 @@ def test_defend_attacks_only_the_face_region_and_leaves_the_rest(tmp_path, tiny_
     protected = np.asarray(Image.open(tmp_path / "in_protected.png")).astype(int)
     changed = np.abs(protected - np.asarray(load_image(source)).astype(int)).max(axis=2) > 0
     rows, cols = np.nonzero(changed)
-    # the 128-pixel square around the face: 30 px times 2 plus 2 x 32, centred on it
-    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (31, 158, 51, 178)
-    assert changed[31:159, 51:179].mean() > 0.5
+    # the 104-pixel square around the face: 30 px times 1.25 plus 2 x 32, up to a multiple of 8, centred on it
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (43, 146, 63, 166)
+    assert changed[43:147, 63:167].mean() > 0.5
