@@ -60,9 +60,9 @@ def place(size: tuple[int, int], box: tuple[int, int, int, int] | None = None, m
 def face_region(image: Image.Image, detector: Callable[[torch.Tensor], object], scale: float = 1.25,
                 margin: int = 32) -> tuple[int, int, int, int] | None:
     """A square around every face the detector finds: the faces' bounding box, its long side times `scale`, plus
-    `margin` pixels on each side (the autoencoder's receptive field), a multiple of 8, moved inside the photo (and
-    cut to it where the photo is smaller). None where no face is found. Faces are detected on a copy at most
-    `DETECTION_SIZE` pixels long."""
+    `margin` pixels on each side (the autoencoder's receptive field), a multiple of 8 with its corner on the photo's
+    8-pixel grid, moved inside the photo (and cut to it where the photo is smaller). None where no face is found.
+    Faces are detected on a copy at most `DETECTION_SIZE` pixels long."""
     factor = min(1.0, DETECTION_SIZE / max(image.size))
     small = image if factor == 1.0 else image.resize(
         (max(round(image.width * factor), 1), max(round(image.height * factor), 1)), Image.BILINEAR)
@@ -76,8 +76,10 @@ def face_region(image: Image.Image, detector: Callable[[torch.Tensor], object], 
     side = math.ceil((max(x1 - x0, y1 - y0) * scale + 2 * margin) / 8) * 8
     width, height = image.size
     w, h = min(side, width), min(side, height)
-    left = min(max(round((x0 + x1 - w) / 2), 0), width - w)
-    top = min(max(round((y0 + y1 - h) / 2), 0), height - h)
+    # the corner on the 8-pixel grid of the whole photo, so that the region's latent cells are the photo's own: a
+    # perturbation made for one alignment of the autoencoder's stride barely works at another
+    left = min(max(round((x0 + x1 - w) / 2), 0), width - w) // 8 * 8
+    top = min(max(round((y0 + y1 - h) / 2), 0), height - h) // 8 * 8
     return (left, top, left + w, top + h)
 
 

@@ -104,6 +104,7 @@ def test_a_face_region_is_a_square_around_every_face_inside_the_photo():
     left, top, right, bottom = face_region(image, boxes_detector([[150, 120, 170, 150], [200, 130, 220, 160]]))
     assert right - left == bottom - top == 152  # (220 - 150) * 1.25 + 2 * 32, up to a multiple of 8
     assert left <= 150 and top <= 120 and right >= 220 and bottom >= 160  # both faces
+    assert left % 8 == top % 8 == 0  # on the photo's 8-pixel grid, as the autoencoder sees the whole photo
     corner = face_region(image, boxes_detector([[0, 0, 30, 30]]))
     assert corner[:2] == (0, 0)  # moved inside the photo
     assert face_region(photo(120, 100), boxes_detector([[30, 30, 90, 90]])) == (0, 0, 120, 100)  # cut to it
@@ -143,6 +144,7 @@ def test_defend_attacks_only_the_face_region_and_leaves_the_rest(tmp_path, tiny_
     protected = np.asarray(Image.open(tmp_path / "in_protected.png")).astype(int)
     changed = np.abs(protected - np.asarray(load_image(source)).astype(int)).max(axis=2) > 0
     rows, cols = np.nonzero(changed)
-    # the 104-pixel square around the face: 30 px times 1.25 plus 2 x 32, up to a multiple of 8, centred on it
-    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (43, 146, 63, 166)
-    assert changed[43:147, 63:167].mean() > 0.5
+    # the 104-pixel square around the face: 30 px times 1.25 plus 2 x 32, up to a multiple of 8, centred on it and
+    # moved onto the 8-pixel grid
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (40, 143, 56, 159)
+    assert changed[40:144, 56:160].mean() > 0.5
