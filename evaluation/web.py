@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 #: The page's presets (defend.py's), with what to expect of each.
 PAGE_PRESETS = {
-    "small": "minutes per photo on a laptop CPU",
+    "small": "about a minute per portrait on a laptop CPU (the square around the face)",
     "paper": "the paper's models and step; needs a GPU",
 }
 #: Judges tried in order for the verdicts: the first one the protection did not attack.
