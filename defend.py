@@ -10,7 +10,6 @@ Writes a lossless PNG of the input's size that differs from it by at most the bu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import logging
 import os
@@ -26,9 +25,10 @@ from PIL import Image
 import methods
 from evaluation.metrics.psnr import psnr
 from evaluation.walker import photos_under
+from methods.downloads import sha256_of
 from methods.facecloak import FOCUS, FaceCloak, IdentityMask
 from methods.faces import FaceDetector, NoFaceError
-from methods.placement import Placement, face_region, paste, place, work_image
+from methods.placement import Placement, budget_levels, face_region, paste, place, work_image
 from methods.transforms import EOT_TRANSFORMS, eot_transform
 from utils import (
     EDITOR_ID_HELP,
@@ -37,7 +37,6 @@ from utils import (
     ModelUnavailable,
     UserError,
     atomic_write,
-    budget_levels,
     cpu_generator,
     derive_seed,
     linf_255,
@@ -392,8 +391,7 @@ def synthetic_photos(args: argparse.Namespace, attack: FaceCloak, photos: list[t
 
 def mask_provenance(mask: IdentityMask, path: Path) -> dict:
     """What the manifest records of the mask a folder was protected with."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"path": str(path), "sha256": digest, **mask.info}
+    return {"path": str(path), "sha256": sha256_of(path), **mask.info}
 
 
 #: Compiled graphs kept per network: one per size bucket (and batch size) of a folder, compiled once and reused.

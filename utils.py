@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from methods.placement import round_within_l2
+from methods.placement import budget_levels, round_within_l2
 
 logger = logging.getLogger(__name__)
 
@@ -195,12 +195,6 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """`3 x H x W` or `1 x 3 x H x W` tensor in `[-1, 1]` to an `H x W x 3` uint8 array (rounded)."""
     x = x.detach().float().cpu().reshape(-1, *x.shape[-2:])
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def budget_levels(eps: float | np.ndarray) -> float | np.ndarray:
-    """The largest whole number of 8-bit levels within a budget `eps` ([-1, 1] units; a number, or a per-pixel
-    `H x W x 1` array)."""
-    return np.floor(np.asarray(eps, dtype=np.float64) * 127.5 + 1e-6)
 
 
 def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float | np.ndarray, norm: str = "linf") -> np.ndarray:

@@ -35,6 +35,7 @@ from edit import edit_images, load_editor, load_guard, protect_edit_images
 from methods.autoencoder import as_autoencoder
 from methods.base import frozen
 from methods.faces import FaceDetector
+from methods.placement import budget_levels
 from utils import (
     ASSETS_ENV,
     PAPER_PROMPTS,
@@ -88,7 +89,7 @@ def noop_protect(guard, autoencoder, photo: torch.Tensor) -> tuple[np.ndarray, n
 
 def random_signs(clean8: np.ndarray, eps: float, seed: int) -> np.ndarray:
     """The control: every pixel moved by the whole budget (in 8-bit levels) with a random sign."""
-    levels = int(math.floor(eps * 127.5 + 1e-6))
+    levels = int(budget_levels(eps))
     signs = np.random.default_rng(seed).choice([-levels, levels], size=clean8.shape)
     return np.clip(clean8.astype(np.int64) + signs, 0, 255).astype(np.uint8)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import hashlib
 import itertools
 import json
 import math
@@ -28,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from methods.downloads import sha256_of
 from utils import (
     ASSETS_ENV,
     UserError,
@@ -68,7 +68,7 @@ def model_digest(spec: str) -> str | None:
     path = local_copy(spec) or (Path(spec) if spec.endswith(".onnx") else None)
     if path is None or not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_of(path)
 
 
 def read_thresholds(path: str | Path) -> dict[str, dict]:

@@ -102,6 +102,12 @@ def _rows(source: int, target: int, start: int, stop: int) -> tuple[torch.Tensor
     return first, second, (position - first).float()
 
 
+def budget_levels(eps: float | np.ndarray) -> float | np.ndarray:
+    """The largest whole number of 8-bit levels within a budget `eps` ([-1, 1] units; a number, or a per-pixel
+    `H x W x 1` array)."""
+    return np.floor(np.asarray(eps, dtype=np.float64) * 127.5 + 1e-6)
+
+
 def round_within_l2(exact: np.ndarray, clean: np.ndarray, radius: float) -> np.ndarray:
     """`clean` (uint8) moved by `exact` (float, in 8-bit levels) rounded to whole levels, the L2 length of the change
     kept within `radius` levels: pixels are rounded to the nearest level, and where that makes the change longer
@@ -133,7 +139,7 @@ def paste(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: fl
     """
     if norm == "l2":
         return _paste_l2(image, placement, delta, eps)
-    levels = int(np.floor(eps * 127.5 + 1e-6))
+    levels = int(budget_levels(eps))
     (w, h), (left, top, right, bottom) = placement.work, placement.box
     region_w, region_h = right - left, bottom - top
     delta = delta.detach().float().cpu()[:, :h, :w].clamp(-eps, eps) * 127.5

@@ -36,8 +36,8 @@ from methods.faces import (
     arcface_matrix,
     crop_faces,
 )
-from methods.placement import place
-from utils import UserError, budget_levels, load_image, tensor_to_uint8
+from methods.placement import budget_levels, place
+from utils import UserError, load_image, tensor_to_uint8
 
 FAST = dict(num_iters=3, variations=2)
 
