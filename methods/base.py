@@ -55,7 +55,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[floa
     if norm == "l2":
         delta = x_adv - x
         length = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1))
-        x_adv = x + delta * (eps / length).clamp(max=1.0)  # a zero perturbation gives inf, clamped to 1
+        # a zero perturbation keeps its scale 1 (and, under autograd, a finite gradient)
+        x_adv = x + delta * (eps / length.clamp_min(1e-12)).clamp(max=1.0)
     else:
         x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
     return x_adv.clamp(*bounds)
@@ -294,11 +295,16 @@ class PGDAttack(Attack):
             return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return grad.sign()
 
+    def start(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+        """The first iterate: uniform noise in the budget (L2: in the largest cube inside the ball) around `x`. An
+        attack that continues from a given point overrides it."""
+        radius = self.eps if self.norm == "linf" else self.eps / math.sqrt(x[0].numel())
+        return self.project(x + uniform_noise(x, -radius, radius, generator), x)
+
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():
             reference = self.prepare(x)
-        radius = self.eps if self.norm == "linf" else self.eps / math.sqrt(x[0].numel())
-        x_adv = self.project(x + uniform_noise(x, -radius, radius, generator), x)
+        x_adv = self.start(x, generator)
         active = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
         generators = per_sample_generators(generator, len(x))
         state: dict = {}
