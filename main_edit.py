@@ -43,7 +43,8 @@ logger = logging.getLogger("main_edit")
 #: Parameters that decide the edits; a folder made with other values is refused.
 DEFINING = ("model", "model_id", "vae", "guidance_scale", "image_guidance_scale", "strength", "num_inference_steps",
             "prompt_list", "max_size", "protect_identity", "fr_model", "fr_combine", "identity_target", "guard_budget",
-            "guard_steps", "guard_iterations", "guard_lr", "guard_perceptual", "guard_perceptual_weight")
+            "guard_norm", "guard_steps", "guard_iterations", "guard_lr", "guard_refine", "guard_perceptual",
+            "guard_perceptual_weight")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ from edit import edit_images, load_editor, load_guard, protect_edit_images
 from methods.autoencoder import as_autoencoder
 from methods.base import frozen
 from methods.faces import FaceDetector
-from methods.placement import budget_levels
+from methods.placement import budget_levels, round_within_l2
 from utils import (
     ASSETS_ENV,
     PAPER_PROMPTS,
@@ -64,10 +64,12 @@ from .metrics.psnr import psnr
 from .runner import nanmean
 
 
-def noop_protect(guard, autoencoder, photo: torch.Tensor) -> tuple[np.ndarray, np.ndarray, dict]:
+def noop_protect(guard, autoencoder, photo: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """The no-op edit of `photo` (`1 x 3 x H x W` in `[-1, 1]`, sides a multiple of 8) by `autoencoder`, and its
-    protected version: the clean decode of the photo's latent and the guard's decode of the optimised latent, both
-    8-bit, with the guard's record (its own models' similarities, losses and weights)."""
+    protected version: the clean decode of the photo's latent and the guard's decode of the optimised latent,
+    refined in pixels (drawing from `generator`), both 8-bit, with the guard's record (its own models'
+    similarities, losses and weights)."""
     autoencoder = as_autoencoder(autoencoder)
 
     def decode(z: torch.Tensor) -> torch.Tensor:
@@ -81,17 +83,20 @@ def noop_protect(guard, autoencoder, photo: torch.Tensor) -> tuple[np.ndarray, n
         identity = guard.identity(photo, clean)
         latents, stats = guard.protect([latents] * guard.steps, decode, identity)
         with torch.no_grad():
-            protected8 = quantize_within(guard.bound(decode(latents), clean), clean8, guard.eps)
+            protected = guard.bound(decode(latents), clean)
+        protected8 = quantize_within(guard.refine(protected, clean, identity, generator), clean8, guard.eps, guard.norm)
         protected = pil_to_tensor(Image.fromarray(protected8)).to(photo.device)
         record = guard.report(clean, protected, identity)[0]
     return clean8, protected8, {**record, **{k: v[0] for k, v in stats.items()}}
 
 
-def random_signs(clean8: np.ndarray, eps: float, seed: int) -> np.ndarray:
-    """The control: every pixel moved by the whole budget (in 8-bit levels) with a random sign."""
-    levels = int(budget_levels(eps))
-    signs = np.random.default_rng(seed).choice([-levels, levels], size=clean8.shape)
-    return np.clip(clean8.astype(np.int64) + signs, 0, 255).astype(np.uint8)
+def random_signs(clean8: np.ndarray, eps: float, seed: int, norm: str = "linf") -> np.ndarray:
+    """The control: every pixel moved by the whole budget (in 8-bit levels) with a random sign; with `norm="l2"`,
+    by the same amount everywhere, the change as long as the budget allows."""
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=clean8.shape)
+    if norm == "l2":
+        return round_within_l2(signs * eps * 127.5 / math.sqrt(clean8.size), clean8, eps * 127.5)
+    return np.clip(clean8.astype(np.int64) + signs.astype(np.int64) * int(budget_levels(eps)), 0, 255).astype(np.uint8)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,10 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fr_combine", default="mean", choices=["mean", "max"], help="how the guard combines them")
     parser.add_argument("--judge", default="mobilefacenet", help="the held-out face model judging the results")
     parser.add_argument("--far", type=float, default=0.01, help="false-accept rate of the judge's threshold")
-    parser.add_argument("--budgets", default="0.03", help="comma-separated L-infinity budgets, [-1, 1] units")
+    parser.add_argument("--budgets", default="0.03", help="comma-separated budgets, [-1, 1] units")
+    parser.add_argument("--norm", default="linf", choices=["linf", "l2"],
+                        help="budgets per pixel (linf) or as the length of the whole change (l2)")
     parser.add_argument("--steps", type=int, default=5, help="protected steps")
     parser.add_argument("--iterations", type=int, default=10, help="Adam iterations per step")
     parser.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
+    parser.add_argument("--refine", type=int, default=EDIT_DEFAULTS["guard_refine"],
+                        help="sign steps in pixels after the latent optimisation (0: none)")
     parser.add_argument("--perceptual", default="none", choices=["vgg19", "lpips", "none"],
                         help="the guard's perceptual loss (none: real VGG weights are not offline)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N photos (0: all)")
@@ -122,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 def guard_args(args: argparse.Namespace, budget: float, **extra) -> argparse.Namespace:
     """The edit.py options of this benchmark's guard."""
     return argparse.Namespace(**{**EDIT_DEFAULTS, "protect_identity": True, "fr_model": args.fr_model,
-                                 "fr_combine": args.fr_combine, "guard_budget": budget, "guard_steps": args.steps,
-                                 "guard_iterations": args.iterations, "guard_lr": args.lr,
+                                 "fr_combine": args.fr_combine, "guard_budget": budget, "guard_norm": args.norm,
+                                 "guard_steps": args.steps, "guard_iterations": args.iterations, "guard_lr": args.lr,
+                                 "guard_refine": args.refine,
                                  "guard_perceptual": args.perceptual, **extra})
 
 
@@ -157,9 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         guard, _ = load_guard(guard_args(args, budget), device, progress=False)
         for k, (name, source) in enumerate(zip(names, sources)):
             start = time.perf_counter()
-            clean8, protected8, record = noop_protect(guard, autoencoder, pil_to_tensor(source).to(device))
+            generator = torch.Generator(device).manual_seed(derive_seed(args.seed, name))
+            clean8, protected8, record = noop_protect(guard, autoencoder, pil_to_tensor(source).to(device), generator)
             seconds = time.perf_counter() - start
-            control8 = random_signs(clean8, budget, derive_seed(args.seed, name))
+            control8 = random_signs(clean8, budget, derive_seed(args.seed, name), args.norm)
             images = {"clean": clean8, "guard": protected8, "control": control8}
             for label, image in images.items():
                 save_png(image, output / f"budget_{budget}" / label / f"{name}.png")
@@ -196,7 +207,8 @@ def report(rows: list[dict], args: argparse.Namespace, threshold: float, budgets
     models = [key for key in rows[0] if key.startswith("attacked_")]
     lines = [f"Flux-Guard on a no-op edit ({args.vae} decodes the photo's latent), {len(rows) // 3 // len(budgets)} "
              f"photos at {args.size} px, against {args.fr_model} ({args.fr_combine}), {args.steps} steps x "
-             f"{args.iterations} Adam iterations at lr {args.lr}, perceptual loss {args.perceptual}. Held-out judge "
+             f"{args.iterations} Adam iterations at lr {args.lr} then {args.refine} sign steps in pixels, budgets "
+             f"{args.norm}, perceptual loss {args.perceptual}. Held-out judge "
              f"{args.judge}, threshold {threshold:.3f} at FAR {args.far}; PSR: fraction of photos at or below it "
              "(no face found: not scored).", "",
              f"| row | budget | FR {args.judge} (held out) ↓ | PSR ↑ | " +

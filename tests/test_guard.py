@@ -131,6 +131,45 @@ def test_the_protected_edit_stays_in_budget_is_reproducible_and_hides_the_face(p
     assert records[0]["similarity_protected"][""] == pytest.approx(after, abs=1e-5)
 
 
+@pytest.mark.parametrize("norm, eps", [("linf", 0.03), ("l2", 2.0)])
+def test_the_pixel_stage_keeps_the_budget_is_seeded_and_hides_the_face_further(norm, eps, tiny_img2img_dir):
+    pipe, args = editor(tiny_img2img_dir, False)
+    face = sensitive_face()
+    options = dict(eps=eps, norm=norm, lr=0.5, steps=2, iterations=4)
+    latent_only, _, _ = edit.protect_edit_images(pipe, IdentityGuard(face, None, **options), args, [PHOTO], "x", [5])
+    refined = IdentityGuard(face, None, refine=10, **options)
+    protected, clean, records = edit.protect_edit_images(pipe, refined, args, [PHOTO], "x", [5])
+    again, _, _ = edit.protect_edit_images(pipe, refined, args, [PHOTO], "x", [5])
+    assert np.array_equal(pixels(again[0]), pixels(protected[0]))
+    change = pixels(protected[0]) - pixels(clean[0])
+    if norm == "linf":
+        assert 0 < np.abs(change).max() <= 3
+    else:  # the whole change within 2.0 in [-1, 1] units, i.e. 255 levels, after rounding
+        assert 0 < np.linalg.norm(change) <= eps * 127.5 + 1e-9
+    assert records[0]["linf_255"] == np.abs(change).max()
+    before, after = similarity(face, latent_only[0], PHOTO), similarity(face, protected[0], PHOTO)
+    print(f"\ntiny face model similarity to the photo ({norm}): latent stage only {before:.4f}, then 10 steps in "
+          f"pixels {after:.4f}")
+    assert after < before - 0.01
+
+
+def test_the_pixel_stage_gives_each_image_of_a_batch_what_it_gives_it_alone():
+    face = sensitive_face()
+    guard = IdentityGuard(face, None, refine=6, refinement=dict(momentum=1.0, input_diversity=1.0))
+    cleans = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    starts = guard.bound(cleans + 0.02 * torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
+                         cleans)
+    identity = guard.identity(cleans, cleans)
+    seeds = [torch.Generator().manual_seed(s) for s in (4, 5, 6)]
+    batch = guard.refine(starts, cleans, identity, seeds)
+    for i, s in enumerate((4, 5, 6)):
+        alone = guard.identity(cleans[i:i + 1], cleans[i:i + 1])
+        single = guard.refine(starts[i:i + 1], cleans[i:i + 1], alone, [torch.Generator().manual_seed(s)])
+        assert torch.allclose(single[0], batch[i], atol=1e-6)
+    assert not torch.equal(batch, starts) and (batch - cleans).abs().max() <= guard.eps + 1e-6
+    assert torch.equal(IdentityGuard(face, None).refine(starts, cleans, identity, seeds), starts)  # refine 0: as is
+
+
 def test_impersonation_pulls_the_face_toward_the_target(tiny_img2img_dir):
     pipe, args = editor(tiny_img2img_dir, False)
     face = sensitive_face()
@@ -162,11 +201,20 @@ def test_edit_protect_identity_writes_the_protected_and_the_clean_edit(tmp_path,
     assert protected.size == clean.size == (104, 104)  # edited at 96 px and resized back
     assert np.array_equal(pixels(clean), pixels(Image.open(tmp_path / "plain.png")))
     assert 0 < np.abs(pixels(protected) - pixels(clean)).max() <= 3
+    # an L2 budget: the whole change, resized back to 104 px and rounded, at most 3 x 127.5 levels long
+    assert edit.main([*common, "--protect_identity", "--fr_model", str(face), "--guard_perceptual", "none",
+                      "--guard_steps", "1", "--guard_iterations", "1", "--guard_refine", "5", "--guard_norm", "l2",
+                      "--guard_budget", "3", "--output_path", str(tmp_path / "l2.png")]) == 0
+    assert "budget 3.0 (L2)" in capsys.readouterr().out
+    change = pixels(Image.open(tmp_path / "l2.png")) - pixels(Image.open(tmp_path / "l2_clean.png"))
+    assert 0 < np.linalg.norm(change) <= 3 * 127.5 + 1e-9
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--identity_target", "x.png"], "--identity_target needs --protect_identity"),
     (["--protect_identity", "--guard_steps", "0"], "--guard_steps and --guard_iterations >= 1"),
+    (["--protect_identity", "--guard_refine", "-1"], "--guard_refine >= 0"),
+    (["--protect_identity", "--guard_budget", "3"], "--guard_budget must be in (0, 2] (l2: > 0)"),
     (["--protect_identity", "--output_path", "a.png", "--clean_output_path", "a.png"], "must differ"),
 ])
 def test_protect_identity_options_are_checked(tmp_path, monkeypatch, capsys, argv, message):
@@ -210,8 +258,8 @@ def test_main_edit_protects_a_folder_records_both_similarities_and_resumes(tmp_p
     manifest = json.loads((edits / "seed1" / "manifest.json").read_text())
     assert manifest["failed"] == {str(sources / "b.png"): "no face found; --protect_identity protects a face"}
     parameters = manifest["parameters"]
-    assert (parameters["protect_identity"], parameters["fr_model"], parameters["guard_budget"],
-            parameters["guard_perceptual_weight"]) == (True, str(face), 0.03, 0.5)
+    assert (parameters["protect_identity"], parameters["fr_model"], parameters["guard_budget"], parameters["guard_norm"],
+            parameters["guard_refine"], parameters["guard_perceptual_weight"]) == (True, str(face), 0.03, "linf", 100, 0.5)
     record = manifest["outputs"]["prompt0/a.png"]
     assert set(record["similarity_clean"]) == set(record["similarity_protected"]) == {"tiny"}
     assert record["steps"] == 1 and record["linf_255"] <= 3 and "identity_weight" in record
@@ -277,11 +325,15 @@ def test_the_evaluator_reports_psr_with_a_given_threshold_and_explains_a_missing
 
 # ------------------------------------------------------------------------------------------------- real models
 
-def test_a_real_decoder_hides_real_faces_from_a_face_model_the_guard_never_saw(assets):
+@pytest.mark.parametrize("norm, eps", [("linf", 0.03), ("l2", 5.0)], ids=["linf-0.03", "l2-5"])
+def test_a_real_decoder_hides_real_faces_from_a_face_model_the_guard_never_saw(assets, norm, eps):
     """The issue's stand-in for a real editor: TAESD decodes the photo's own latent (a no-op edit), the guard works
-    against SFace and MobileFace, and MobileFaceNet, held out, judges. Small and short to stay near a minute (4
-    photos cut to 160 px around the face, 5 steps x 3 iterations); `python -m evaluation.benchmark_guard` measures
-    all of faces/ at the defaults (README)."""
+    against SFace and MobileFace (5 steps x 3 Adam iterations, then edit.py's 100 steps in pixels), and
+    MobileFaceNet, held out, judges. 4 photos cut to 160 px around the face, to stay near a minute;
+    `python -m evaluation.benchmark_guard` measures all of faces/ at the defaults (README). At the default
+    L-infinity budget the held-out model sees the change but still recognises the faces; with an L2 budget of the
+    same PSNR order (5 at 160 px is 8 at 256 px and 16 at 512 px), the acceptance: most faces fall below its 1 %
+    FAR threshold at a PSNR of at least 35 dB."""
     from diffusers import AutoencoderTiny
 
     from evaluation.benchmark_guard import noop_protect, random_signs
@@ -296,20 +348,21 @@ def test_a_real_decoder_hides_real_faces_from_a_face_model_the_guard_never_saw(a
     judge_identity = load_face_identity("mobilefacenet", cpu)
     threshold = calibrate(judge_identity, labelled_photos(assets / "faces"), 0.01, cpu).threshold
     judge = FaceSimilarity(judge_identity)
-    guard = IdentityGuard(load_face_identity("sface,mobileface", cpu), None, eps=0.03, steps=5, iterations=3)
+    guard = IdentityGuard(load_face_identity("sface,mobileface", cpu), None, eps=eps, norm=norm, steps=5,
+                          iterations=3, refine=edit.DEFAULTS["guard_refine"])
     taesd = AutoencoderTiny.from_pretrained(assets / "models" / "taesd").eval()
     detector, rows = FaceDetector(), []
     for name in ("obama/obama.jpg", "biden/biden.jpg", "kit_harington/john1.jpg", "rose_leslie/img1.jpg"):
         photo = pil_to_tensor(face_crop(load_image(assets / "faces" / name), 256, detector))[..., 48:208, 48:208]
-        clean8, protected8, record = noop_protect(guard, taesd, photo)
-        control8 = random_signs(clean8, 0.03, 0)
+        clean8, protected8, record = noop_protect(guard, taesd, photo, torch.Generator().manual_seed(0))
+        control8 = random_signs(clean8, eps, 0, norm)
         clean, protected, control = (pil_to_tensor(Image.fromarray(a)) for a in (clean8, protected8, control8))
         judge.add_sources([name], photo)
         held_out = judge.score(torch.cat([clean, protected, control]), [name] * 3).tolist()
-        rows.append((name, held_out, record, psnr(protected, clean).item(), np.abs(pixels(protected8) -
-                                                                                 pixels(clean8)).max()))
-    print(f"\nMobileFaceNet (held out), threshold {threshold:.3f} at FAR 1%; similarity to the photo of the clean "
-          "decode / protected / random-sign control, attacked models clean -> protected, PSNR:")
+        change = pixels(protected8) - pixels(clean8)
+        rows.append((name, held_out, record, psnr(protected, clean).item(), change))
+    print(f"\n{norm} budget {eps}: MobileFaceNet (held out), threshold {threshold:.3f} at FAR 1%; similarity to the "
+          "photo of the clean decode / protected / control, attacked models clean -> protected, PSNR:")
     for name, (c, p, r), record, quality, _ in rows:
         attacked = ", ".join(f"{m} {record['similarity_clean'][m]:.2f} -> {record['similarity_protected'][m]:.2f}"
                              for m in record["similarity_clean"])
@@ -317,8 +370,11 @@ def test_a_real_decoder_hides_real_faces_from_a_face_model_the_guard_never_saw(a
     below = sum(p <= threshold for _, (_, p, _), *_ in rows)
     print(f"  protected photos below the threshold: {below} of {len(rows)} (clean decodes: "
           f"{sum(c <= threshold for _, (c, _, _), *_ in rows)})")
-    for name, (c, p, r), record, quality, linf in rows:
-        assert linf <= 3 and quality >= 35, name
+    for name, (c, p, r), record, quality, change in rows:
+        in_budget = np.abs(change).max() <= 3 if norm == "linf" else np.linalg.norm(change) <= eps * 127.5 + 1e-9
+        assert in_budget and quality >= 35, name
         assert all(record["similarity_protected"][m] < record["similarity_clean"][m] - 0.1
                    for m in record["similarity_clean"]), name
         assert p < c - 0.04 and p < r - 0.04, name  # the held-out model sees it too, unlike random noise
+    if norm == "l2":
+        assert below > len(rows) / 2
