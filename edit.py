@@ -54,7 +54,7 @@ logger = logging.getLogger("edit")
 
 #: Identity protection (Flux-Guard): the paper's 5 steps x 10 Adam iterations at lr 0.02 and perceptual weight 0.5,
 #: the defenses' budget 0.03 (L-infinity), a face model that downloads (SFace) and the paper's VGG19 feature loss;
-#: then 100 sign steps in pixels (not in the paper; measured in the README).
+#: then 100 PGD steps on the pixels (not in the paper; measured in the README).
 GUARD_DEFAULTS = dict(
     fr_model="sface", fr_combine="mean", identity_target=None, guard_budget=0.03, guard_norm="linf", guard_steps=5,
     guard_iterations=10, guard_lr=0.02, guard_refine=100, guard_perceptual="vgg19", guard_perceptual_weight=0.5,
@@ -104,7 +104,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     guard.add_argument("--guard_steps", type=int, help="protect during this many last denoising steps")
     guard.add_argument("--guard_iterations", type=int, help="Adam iterations on the latent per protected step")
     guard.add_argument("--guard_lr", type=float, help="Adam learning rate on the latent")
-    guard.add_argument("--guard_refine", type=int, help="then this many sign steps on the edit's pixels, within the "
+    guard.add_argument("--guard_refine", type=int, help="then this many PGD steps on the edit's pixels, within the "
                                                         "budget (0: the paper's latent optimisation only)")
     guard.add_argument("--guard_perceptual", choices=["vgg19", "lpips", "none"],
                        help="perceptual loss to the clean edit: MSE of VGG19 relu3_4 features (the paper's), "

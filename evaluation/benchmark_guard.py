@@ -35,6 +35,7 @@ from edit import edit_images, load_editor, load_guard, protect_edit_images
 from methods.autoencoder import as_autoencoder
 from methods.base import frozen
 from methods.faces import FaceDetector
+from methods.guard import REFINEMENT
 from methods.placement import budget_levels, round_within_l2
 from utils import (
     ASSETS_ENV,
@@ -113,10 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--norm", default="linf", choices=["linf", "l2"],
                         help="budgets per pixel (linf) or as the length of the whole change (l2)")
     parser.add_argument("--steps", type=int, default=5, help="protected steps")
-    parser.add_argument("--iterations", type=int, default=10, help="Adam iterations per step")
+    parser.add_argument("--iterations", type=int, default=10, help="Adam iterations per step (0: the pixel steps alone)")
     parser.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
     parser.add_argument("--refine", type=int, default=EDIT_DEFAULTS["guard_refine"],
-                        help="sign steps in pixels after the latent optimisation (0: none)")
+                        help="PGD steps on the pixels after the latent optimisation (0: none)")
+    parser.add_argument("--momentum", type=float, default=REFINEMENT["momentum"], help="the pixel steps' momentum")
+    parser.add_argument("--input_diversity", type=float, default=REFINEMENT["input_diversity"],
+                        help="the pixel steps' input diversity (probability)")
+    parser.add_argument("--ti_kernel", type=int, default=0, help="the pixel steps' gradient smoothing (odd size)")
     parser.add_argument("--perceptual", default="none", choices=["vgg19", "lpips", "none"],
                         help="the guard's perceptual loss (none: real VGG weights are not offline)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N photos (0: all)")
@@ -165,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for budget in budgets:
         guard, _ = load_guard(guard_args(args, budget), device, progress=False)
+        guard.refinement = dict(momentum=args.momentum, input_diversity=args.input_diversity, ti_kernel=args.ti_kernel)
         for k, (name, source) in enumerate(zip(names, sources)):
             start = time.perf_counter()
             generator = torch.Generator(device).manual_seed(derive_seed(args.seed, name))
@@ -207,7 +213,8 @@ def report(rows: list[dict], args: argparse.Namespace, threshold: float, budgets
     models = [key for key in rows[0] if key.startswith("attacked_")]
     lines = [f"Flux-Guard on a no-op edit ({args.vae} decodes the photo's latent), {len(rows) // 3 // len(budgets)} "
              f"photos at {args.size} px, against {args.fr_model} ({args.fr_combine}), {args.steps} steps x "
-             f"{args.iterations} Adam iterations at lr {args.lr} then {args.refine} sign steps in pixels, budgets "
+             f"{args.iterations} Adam iterations at lr {args.lr} then {args.refine} PGD steps on the pixels (momentum "
+             f"{args.momentum}, input diversity {args.input_diversity}, TI kernel {args.ti_kernel}), budgets "
              f"{args.norm}, perceptual loss {args.perceptual}. Held-out judge "
              f"{args.judge}, threshold {threshold:.3f} at FAR {args.far}; PSR: fraction of photos at or below it "
              "(no face found: not scored).", "",

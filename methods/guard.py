@@ -20,7 +20,7 @@ edit (`[-1, 1]` units; L-infinity, or with `norm="l2"` the L2 length of each ima
 loss sees the decode brought into that budget, and the output is projected onto it after decoding (the caller
 rounds it to 8 bits without leaving it, `utils.quantize_within`).
 
-Beyond the paper, `refine` sign steps in pixels follow the latent optimisation (`IdentityRefinement`, on the
+Beyond the paper, `refine` PGD steps on the pixels follow the latent optimisation (`IdentityRefinement`, on the
 project's attack engine with momentum and input diversity): on the decoded edit, within the same budget. A latent
 change must pass through the decoder and is then clipped to the budget, which wastes most of it; steps on the
 pixels use the whole budget (measured in the README: held-out similarity lower at the same budget).
@@ -31,7 +31,7 @@ pixel steps (`edit.py` runs 100).
 
 Example::
 
-    guard = IdentityGuard(load_face_identity("sface", device), load_vgg19_features())
+    guard = IdentityGuard(load_face_identity("sface", device), load_vgg19_features(), refine=100)
     edit = guarded_edit(pipe, guard, sources, prompt=[prompt], image=[photo], generator=[generator])
     edit.clean      # exactly the unprotected edit (its 8-bit values), N x 3 x H x W in [-1, 1]
     edit.protected  # within eps of it; guard.report(edit.clean, rounded, edit.identity) gives the similarities
@@ -106,9 +106,9 @@ class Identity:
 
 
 class IdentityRefinement(PGDAttack):
-    """The guard's last stage, in pixels: projected sign steps on the decoded protected edit against the identity
-    loss, within the guard's budget around the clean edit (the images this attack is called with), starting from
-    the latent stage's decode `start_from` instead of a random point. Momentum and input diversity (the engine's
+    """The guard's last stage, in pixels: projected steps (sign steps; L2: along the normalised gradient) on the
+    decoded protected edit against the identity loss, within the guard's budget around the clean edit (the images
+    this attack is called with), starting from the latent stage's decode `start_from` instead of a random point. Momentum and input diversity (the engine's
     transfer levers) make the change carry over to face models the guard never saw. Not a protection of its own:
     `IdentityGuard.refine` runs it."""
 
