@@ -325,15 +325,16 @@ def test_the_evaluator_reports_psr_with_a_given_threshold_and_explains_a_missing
 
 # ------------------------------------------------------------------------------------------------- real models
 
-@pytest.mark.parametrize("norm, eps", [("linf", 0.03), ("l2", 5.0)], ids=["linf-0.03", "l2-5"])
+@pytest.mark.parametrize("norm, eps", [("linf", 0.03), ("l2", 8.0)], ids=["linf-0.03", "l2-8"])
 def test_a_real_decoder_hides_real_faces_from_a_face_model_the_guard_never_saw(assets, norm, eps):
     """The issue's stand-in for a real editor: TAESD decodes the photo's own latent (a no-op edit), the guard works
     against SFace and MobileFace (5 steps x 3 Adam iterations, then edit.py's 100 steps in pixels), and
-    MobileFaceNet, held out, judges. 4 photos cut to 160 px around the face, to stay near a minute;
+    MobileFaceNet, held out, judges. 4 photos (6 for the L2 budget) cut to 160 px around the face, to stay short;
     `python -m evaluation.benchmark_guard` measures all of faces/ at the defaults (README). At the default
-    L-infinity budget the held-out model sees the change but still recognises the faces; with an L2 budget of the
-    same PSNR order (5 at 160 px is 8 at 256 px and 16 at 512 px), the acceptance: most faces fall below its 1 %
-    FAR threshold at a PSNR of at least 35 dB."""
+    L-infinity budget the held-out model sees the change but still recognises the faces; with the README's L2
+    budget (8: the crop is cut from the 256 px square, so the face has as many pixels as there, and the change,
+    which stays on the face, is as strong; 36.8 dB over the smaller crop), the acceptance: most faces fall below
+    its 1 % FAR threshold at a PSNR of at least 35 dB."""
     from diffusers import AutoencoderTiny
 
     from evaluation.benchmark_guard import noop_protect, random_signs
@@ -352,7 +353,10 @@ def test_a_real_decoder_hides_real_faces_from_a_face_model_the_guard_never_saw(a
                           iterations=3, refine=edit.DEFAULTS["guard_refine"])
     taesd = AutoencoderTiny.from_pretrained(assets / "models" / "taesd").eval()
     detector, rows = FaceDetector(), []
-    for name in ("obama/obama.jpg", "biden/biden.jpg", "kit_harington/john1.jpg", "rose_leslie/img1.jpg"):
+    names = ["obama/obama.jpg", "biden/biden.jpg", "kit_harington/john1.jpg", "rose_leslie/img1.jpg"]
+    if norm == "l2":  # the acceptance counts photos: two more, so that one photo near the threshold cannot decide it
+        names += ["alex_lacamoire/img1.jpg", "obama/obama2.jpg"]
+    for name in names:
         photo = pil_to_tensor(face_crop(load_image(assets / "faces" / name), 256, detector))[..., 48:208, 48:208]
         clean8, protected8, record = noop_protect(guard, taesd, photo, torch.Generator().manual_seed(0))
         control8 = random_signs(clean8, eps, 0, norm)
