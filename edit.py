@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.metrics.psnr import psnr
+from methods.base import budget_limit
 from methods.faces import NoFaceError
 from utils import (
     EDITOR_ID_HELP,
@@ -141,7 +141,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
         parser.error("--num_inference_steps must be >= 1, --strength in (0, 1] and --max_size >= 0")
     args.model_id = args.model_id or EDITOR_IDS[args.model]
     if args.protect_identity:
-        if not 0 < args.guard_budget <= (2 if args.guard_norm == "linf" else math.inf) or args.guard_steps < 1 \
+        if not 0 < args.guard_budget <= budget_limit(args.guard_norm) or args.guard_steps < 1 \
                 or args.guard_iterations < 1 or args.guard_lr <= 0 or args.guard_refine < 0 \
                 or args.guard_perceptual_weight < 0:
             parser.error("--guard_budget must be in (0, 2] (l2: > 0), --guard_steps and --guard_iterations >= 1, "

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--norm", default="linf", choices=["linf", "l2"],
                         help="budgets per pixel (linf) or as the length of the whole change (l2)")
     parser.add_argument("--steps", type=int, default=5, help="protected steps")
-    parser.add_argument("--iterations", type=int, default=10, help="Adam iterations per step (0: the pixel steps alone)")
+    parser.add_argument("--iterations", type=int, default=10,
+                        help="Adam iterations per step (0: the pixel steps alone)")
     parser.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
     parser.add_argument("--refine", type=int, default=EDIT_DEFAULTS["guard_refine"],
                         help="PGD steps on the pixels after the latent optimisation (0: none)")

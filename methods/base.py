@@ -47,6 +47,11 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 NORMS = ("linf", "l2")
 
 
+def budget_limit(norm: str, bounds: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """The largest budget that means anything: the width of the bounds per pixel (L-infinity); none for L2."""
+    return bounds[1] - bounds[0] if norm == "linf" else math.inf
+
+
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[float, float],
             norm: str = "linf") -> torch.Tensor:
     """Bring `x_adv` into the ball of radius `eps` around `x`, then into `bounds`. L-infinity clips every pixel;
@@ -131,7 +136,7 @@ class Attack:
     def __init__(self, eps: float = 0.03, progress: bool = False, norm: str = "linf") -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        limit = self.bounds[1] - self.bounds[0] if norm == "linf" else math.inf
+        limit = budget_limit(norm, self.bounds)
         if not 0 < eps <= limit:
             raise ValueError(f"the budget eps must be in (0, {limit}], got {eps}")
         self.eps = eps

@@ -40,7 +40,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .autoencoder import as_autoencoder
-from .base import NORMS, Generators, PGDAttack, frozen, project
+from .base import NORMS, Generators, PGDAttack, budget_limit, frozen, project
 from .faces import EnsembleReference, FaceReference, Faces, NoFaceError
 
 
@@ -108,9 +107,9 @@ class Identity:
 class IdentityRefinement(PGDAttack):
     """The guard's last stage, in pixels: projected steps (sign steps; L2: along the normalised gradient) on the
     decoded protected edit against the identity loss, within the guard's budget around the clean edit (the images
-    this attack is called with), starting from the latent stage's decode `start_from` instead of a random point. Momentum and input diversity (the engine's
-    transfer levers) make the change carry over to face models the guard never saw. Not a protection of its own:
-    `IdentityGuard.refine` runs it."""
+    this attack is called with), starting from the latent stage's decode `start_from` instead of a random point.
+    Momentum and input diversity (the engine's transfer levers) make the change carry over to face models the guard
+    never saw. Not a protection of its own: `IdentityGuard.refine` runs it."""
 
     name = "guard refinement"
     models = ("face",)
@@ -140,8 +139,8 @@ class IdentityGuard:
     def __init__(self, face: nn.Module, perceptual: nn.Module | None = None, eps: float = 0.03, steps: int = 5,
                  iterations: int = 10, lr: float = 0.02, perceptual_weight: float = 0.5, norm: str = "linf",
                  refine: int = 0, refinement: dict | None = None, progress: bool = False) -> None:
-        if norm not in NORMS or not 0 < eps <= (2 if norm == "linf" else math.inf) or steps < 1 or iterations < 0 \
-                or lr < 0 or perceptual_weight < 0 or refine < 0:
+        if norm not in NORMS or not 0 < eps <= budget_limit(norm) or steps < 1 or iterations < 0 or lr < 0 \
+                or perceptual_weight < 0 or refine < 0:
             raise ValueError(f"need norm in {NORMS}, eps in (0, 2] (L2: > 0), steps >= 1, iterations >= 0, lr >= 0, "
                              f"perceptual_weight >= 0 and refine >= 0, got {norm!r}, {eps}, {steps}, {iterations}, "
                              f"{lr}, {perceptual_weight} and {refine}")
