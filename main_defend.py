@@ -85,7 +85,7 @@ DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters"
             "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "schedule", "max_size", "region",
             "bucket", "norm", "fidelity_weight", "diffusion_steps", "grad_reps", "guidance_scale",
             "image_guidance_scale", "strength", "attack_prompt", "mask", "gallery", "focus", "sticker_budget",
-            "highpass_budget", "variations", "mask_size", "arc2face")
+            "highpass_budget", "variations", "mask_size", "arc2face", "near", "mask_l2")
 #: Where a facecloak run keeps the identity mask it learned, beside the outputs.
 MASK_FILE = "facecloak_mask.safetensors"
 

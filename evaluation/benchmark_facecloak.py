@@ -7,13 +7,15 @@ to a square around the face. The person's first photo (by name) is the one a Fac
 the other people's photos as the gallery of anchors); the person's other photos are the probes, protected by
 main_defend.py with each method: none, uniform noise at the same budget, FaceLock per photo (`--preset small`),
 FaceCloak with each focusing option (`--mask` of the learned mask) and learned against an ensemble (the attacked
-model and `--ensemble`), and FaceCloak plus FaceLock (the mask at half the budget, FaceLock on top at the other
-half). Each probe is then identified among the clean photos of every person
-(its own clean photo left out) by a held-out face model and by the attacked one: top-1, top-5 and verification PSR
-at the threshold giving a 1 % false-accept rate on the clean photos (`evaluation/eval_psr.py`). Also reported: the
-FR similarity between each probe's TAESD round trip and its clean photo (protection of edits), the perturbation's
-L-infinity, PSNR and SSIM, the seconds to learn a mask, and the seconds to apply a saved mask to a full-size photo
-(detection included, models loaded). Everything lands in `--output`, so a rerun resumes.
+model and `--ensemble`), with an L2 bound on the mask (`--mask_l2`, each pixel capped at 0.25, 31 levels of 255;
+with the paper's near anchor, and with the person's own face as the near anchor), and FaceCloak plus FaceLock (the
+mask at half the budget, FaceLock on top at the other half). Each probe is then identified among the clean photos
+of every person (its own clean photo left out) by a held-out face model and by the attacked one: top-1, top-5 and
+verification PSR at the threshold giving a 1 % false-accept rate on the clean photos (`evaluation/eval_psr.py`).
+Also reported: the held-out model's similarity between each probe and its clean photo, and between its TAESD round
+trip and its clean photo (protection of edits), the perturbation's L-infinity, PSNR and SSIM, the seconds to learn
+a mask, and the seconds to apply a saved mask to a full-size photo (detection included, models loaded). Everything
+lands in `--output`, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 import main_defend
+from defend import MAX_BUDGET
 from methods.autoencoder import as_autoencoder
 from methods.facecloak import FaceCloak, IdentityMask
 from methods.faces import FaceDetector
@@ -69,6 +72,8 @@ METHODS = {
     "facecloak-highpass": ["--focus", "highpass"],
     "facecloak-attention": ["--focus", "attention"],
     "facecloak-ensemble": ["--focus", "none"],  # the attacked model and --ensemble together
+    "facecloak-l2": ["--focus", "none"],  # --mask_l2, each pixel capped at the scripts' largest budget
+    "facecloak-l2-self": ["--focus", "none", "--near", "self"],  # the same, pushing the face away from itself
     "facecloak+facelock": ["--focus", "none"],  # mask at half the budget, then FaceLock at the other half
 }
 
@@ -84,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fr_model", default="sface", help="the face model(s) the protections attack")
     parser.add_argument("--judge", default="mobilefacenet", help="the held-out face model")
     parser.add_argument("--ensemble", default="mobileface", help="attacked with --fr_model by facecloak-ensemble")
+    parser.add_argument("--mask_l2", type=float, default=16.0, help="the L2 length of the facecloak-l2 masks ([-1, 1] "
+                                                                    "units, 112 px template; 16: about 35 dB on the "
+                                                                    "crops)")
     parser.add_argument("--cloak_options", default="", help="more main_defend.py options for every facecloak run "
                                                             "(e.g. '--variations 16')")
     parser.add_argument("--facelock_iters", type=int, default=100, help="FaceLock iterations")
@@ -140,7 +148,7 @@ def protect(method: str, args: argparse.Namespace, output: Path, people: dict[st
     if METHODS[method] is None:
         return {name: photos_dir / f"{name}.png" for name in probes}, [], {}
     facelock = ["--defend_method", "facelock", "--preset", "small", "--num_iters", str(args.facelock_iters),
-                "--vae", args.vae, "--fr_model", args.fr_model]
+                "--vae", args.vae, "--fr_model", args.fr_model, "--region", "full"]  # the crops are the face's square
     if not method.startswith("facecloak"):
         options = facelock if method == "facelock" else METHODS[method]
         folder = defend(folder_of(output, "probes", probes, photos_dir), output / "protected" / method, options,
@@ -149,6 +157,8 @@ def protect(method: str, args: argparse.Namespace, output: Path, people: dict[st
     budget = round(args.attack_budget / 2, 4) if method == "facecloak+facelock" else args.attack_budget
     models = f"{args.fr_model},{args.ensemble}" if method == "facecloak-ensemble" else args.fr_model
     cloak = ["--defend_method", "facecloak", "--fr_model", models, *METHODS[method], *args.cloak_options.split()]
+    if method.startswith("facecloak-l2"):
+        budget, cloak = MAX_BUDGET, [*cloak, "--mask_l2", str(args.mask_l2)]
     protected, masks, learned_from = {}, [], {}
     for person, names in people.items():
         others = [n for p, ns in people.items() if p != person for n in ns]
@@ -232,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_probe += [{"method": method, **r} for r in scored]
         x = torch.cat([pil_to_tensor(load_image(protected[method][n])) for n in names]).to(device)
         with torch.no_grad():
+            direct = judge.score(x, names)
             round_trip = judge.score(autoencoder(x).float().clamp(-1, 1), names)
         learn = [IdentityMask.load(m).info["seconds"] for m in learned[method]]
         apply, apply_cpu = apply_seconds(learned[method], people, original, device) if learned[method] else ([], [])
@@ -240,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else []
         row = {"method": method, **{f"{r['model']}_{kind}": r[kind] for r in summarise(scored, method, list(models))
                                     for kind in ("top1", "top5", "verification")},
-               "round_trip_fr": nanmean(round_trip.tolist()),
+               "fr": nanmean(direct.tolist()), "round_trip_fr": nanmean(round_trip.tolist()),
                "linf_255": float(((x - clean).abs().flatten(1).max(dim=1).values * 127.5).round().max()),
                "psnr": nanmean([v for v in psnr(x, clean).tolist() if not math.isinf(v)]),
                "ssim": nanmean(ssim(x, clean).tolist()),
@@ -287,15 +298,15 @@ def report(rows: list[dict], args: argparse.Namespace, judge: str, attacked: str
              f"{', '.join(f'{m} {t:.3f}' for m, t in gallery.thresholds.items())}).", "",
              f"| method | {judge} top-1 ↑ | {judge} top-5 ↑ | {judge} verif. ↑ | {attacked} top-1 ↑ | "
              f"{attacked} top-5 ↑ | {attacked} verif. ↑ | photo learned from: top-1 {judge} / {attacked} ↑ | "
-             f"round trip FR ({judge}) ↓ | L-inf (/255) | PSNR (dB) | SSIM | s to learn a mask | s / photo |",
-             "|---|" + "---|" * 13]
+             f"FR ({judge}) ↓ | round trip FR ({judge}) ↓ | L-inf (/255) | PSNR (dB) | SSIM | s to learn a mask | "
+             "s / photo |", "|---|" + "---|" * 14]
     for r in rows:
         own = " / ".join(pct(r.get(f"learned_from_{m}_top1", float("nan"))) for m in (judge, attacked))
         lines.append(
             f"| {r['method']} | {pct(r[f'{judge}_top1'])} | {pct(r[f'{judge}_top5'])} | "
             f"{pct(r[f'{judge}_verification'])} | {pct(r[f'{attacked}_top1'])} | {pct(r[f'{attacked}_top5'])} | "
-            f"{pct(r[f'{attacked}_verification'])} | {own} | {num(r['round_trip_fr'], 3)} | {r['linf_255']:.0f} | "
-            f"{num(r['psnr'], 1)} | {num(r['ssim'], 3)} | {num(r['seconds_to_learn'], 0)} | "
+            f"{pct(r[f'{attacked}_verification'])} | {own} | {num(r['fr'], 3)} | {num(r['round_trip_fr'], 3)} | "
+            f"{r['linf_255']:.0f} | {num(r['psnr'], 1)} | {num(r['ssim'], 3)} | {num(r['seconds_to_learn'], 0)} | "
             f"{num(r['seconds_per_photo'], 2)}" + ("" if math.isnan(r["seconds_to_apply_max"]) or "+" in r["method"]
                                                   else f" (max {r['seconds_to_apply_max']:.2f})") + " |")
     applied = [r for r in rows if not math.isnan(r["cpu_seconds_to_apply"])]

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: The focusing options, each inside the optimisation.
 FOCUS = ("stickers", "highpass", "attention")
+#: The triplet's near anchor: the gallery face most similar to the person (the paper's), or the person's own face.
+NEAR = ("gallery", "self")
 #: FaceCloak's budgets and step in the project's [-1, 1] units (twice the [0, 1] value): 8/255, 32/255 and 2/255.
 BASE_BUDGET, FOCUS_BUDGET, STEP = 0.0628, 0.251, 0.0157
 #: The training canvas shows the face at this multiple of the template's scale, with this much room around it.
@@ -214,6 +216,13 @@ class FaceCloak(Attack):
     with `combine="max"`). Sign-PGD as the paper: uniform start in the budget, `num_iters` passes, one step of
     `step_size` after each image, projection onto the per-pixel budget after every step.
 
+    Beyond the paper (both off by default): `near="self"` takes the person's own mean clean embedding as the near
+    anchor, so that the loss pushes the face away from itself rather than from the most similar other person; and
+    `mask_l2` also bounds the L2 length of the mask (in `[-1, 1]` units, at `mask_size`): steps then follow the
+    L2-normalised gradient (length `mask_l2 / 8`) instead of its sign, the start is uniform in the largest cube
+    inside the ball, and each projection clips to the per-pixel budget, then shortens the mask to `mask_l2`. The
+    per-pixel budget becomes a cap (e.g. `eps=0.251`, 32/255): the change goes where it moves the embedding most.
+
     Focusing (`focus`, any of): "stickers", a larger budget (`sticker_budget`) in boxes around the eyes, nose and
     mouth; "highpass", a larger budget (`highpass_budget`) where the person's aligned face has above-average
     high-frequency texture; "attention", FaceCloak's learnable attention (a per-pixel gain on the perturbation,
@@ -223,6 +232,8 @@ class FaceCloak(Attack):
 
     Threat model: per-pixel L-infinity around the clean photo, `eps` (the base budget; default 8/255, i.e. 0.0628 in
     `[-1, 1]` units) and the focus budgets (default 32/255), on the face only. `self.eps` is the largest of them.
+    With `mask_l2`, the mask's L2 length in the aligned space is bounded too (its length in a photo scales with the
+    face's size).
 
     Models:
         face: a `methods.faces.FaceIdentity` or `FaceEnsemble` (needed to learn a mask).
@@ -245,16 +256,16 @@ class FaceCloak(Attack):
                  num_iters: int = 10, variations: int = 8, focus: Sequence[str] = (),
                  sticker_budget: float = FOCUS_BUDGET, highpass_budget: float = FOCUS_BUDGET,
                  attention_lr: float = 10.0, mask_size: int = 112, max_size: int = 1024,
-                 progress: bool = False) -> None:
+                 near: str = "gallery", mask_l2: float = 0.0, progress: bool = False) -> None:
         focus = tuple(focus)
         unknown = sorted(set(focus) - set(FOCUS))
         if unknown:
             raise ValueError(f"unknown focus {unknown}; choose from {', '.join(FOCUS)}")
         if mask_size < 112 or mask_size % 112:
             raise ValueError(f"mask_size must be a multiple of 112, got {mask_size}")
-        if step_size <= 0 or num_iters < 1 or variations < 0:
-            raise ValueError(f"need step_size > 0, num_iters >= 1 and variations >= 0, got {step_size}, {num_iters} "
-                             f"and {variations}")
+        if step_size <= 0 or num_iters < 1 or variations < 0 or near not in NEAR or mask_l2 < 0:
+            raise ValueError(f"need step_size > 0, num_iters >= 1, variations >= 0, near in {NEAR} and mask_l2 >= 0, "
+                             f"got {step_size}, {num_iters}, {variations}, {near!r} and {mask_l2}")
         budgets = [eps] + [b for name, b in (("stickers", sticker_budget), ("highpass", highpass_budget))
                            if name in focus]
         if min(budgets) <= 0:
@@ -266,6 +277,7 @@ class FaceCloak(Attack):
         self.step_size, self.num_iters, self.variations = step_size, num_iters, variations
         self.focus, self.attention_lr = focus, attention_lr
         self.mask_size, self.max_size = mask_size, max_size
+        self.near, self.mask_l2 = near, mask_l2
         self.mask: IdentityMask | None = None
         if mask is not None:
             self.use(mask)
@@ -338,6 +350,7 @@ class FaceCloak(Attack):
                 "combine": getattr(self.face, "combine", "mean"), "budgets": budgets, "focus": list(self.focus),
                 "photos": len(views), "no_face": no_face, "variations": self.variations,
                 "passes": self.num_iters, "step_size": self.step_size, "attention_lr": self.attention_lr,
+                "near": self.near, "mask_l2": self.mask_l2,
                 "anchors": anchors["chosen"], "loss": history,
                 "seconds": round(time.perf_counter() - start, 2)}
         mask = IdentityMask(delta.detach().cpu(), budget.cpu(), info)
@@ -379,7 +392,8 @@ class FaceCloak(Attack):
         return views, no_face
 
     def _anchors(self, views: list[_View], gallery: Sequence[torch.Tensor]) -> dict:
-        """Per face model: the gallery faces nearest to and farthest from the person's mean clean embedding."""
+        """Per face model: the gallery faces nearest to and farthest from the person's mean clean embedding (with
+        `near="self"`, the near anchor is that mean embedding itself)."""
         device = views[0].canvas.device
         own = [torch.cat([m.embed(v.canvas, v.faces)[0] for v in views]) for m in members(self.face)]
         embedded = [[] for _ in own]
@@ -399,10 +413,11 @@ class FaceCloak(Attack):
             others = torch.cat(others)
             similarity = others @ person
             near, far = int(similarity.argmax()), int(similarity.argmin())
-            out["near"].append(others[near])
+            out["near"].append(person if self.near == "self" else others[near])
             out["far"].append(others[far])
             out["chosen"][getattr(m, "name", "") or f"model{len(out['chosen'])}"] = {
-                "near": near, "far": far, "near_similarity": round(float(similarity[near]), 4),
+                "near": "self" if self.near == "self" else near, "far": far,
+                "near_similarity": 1.0 if self.near == "self" else round(float(similarity[near]), 4),
                 "far_similarity": round(float(similarity[far]), 4)}
         return out
 
@@ -435,7 +450,9 @@ class FaceCloak(Attack):
         device = views[0].canvas.device
         budget = budget.to(device)
         shape = (3, self.mask_size, self.mask_size)
-        delta = uniform_noise(torch.empty((1, *shape)), -1.0, 1.0, generator)[0].to(device) * budget
+        start = uniform_noise(torch.empty((1, *shape)), -1.0, 1.0, generator)[0].to(device)
+        radius = budget if not self.mask_l2 else budget.clamp_max(self.mask_l2 / math.sqrt(math.prod(shape)))
+        delta = start * radius
         attention = torch.ones(shape, device=device) if "attention" in self.focus else None
         history = []
         bar = tqdm(total=self.num_iters * len(views) * (1 + self.variations), desc=self.name, leave=False,
@@ -448,12 +465,12 @@ class FaceCloak(Attack):
                     leaves = [delta.detach().requires_grad_(True)]
                     if attention is not None:
                         leaves.append(attention.detach().requires_grad_(True))
-                        effective = _clip(leaves[1] * leaves[0], budget)
+                        effective = self._project(leaves[1] * leaves[0], budget)
                     else:
                         effective = leaves[0]
                     value = self.loss(effective, sample, anchors)
                     grads = torch.autograd.grad(value, leaves)
-                    delta = _clip(delta - self.step_size * grads[0].sign(), budget)
+                    delta = self._project(delta - self._step(grads[0]), budget)
                     if attention is not None:
                         g = grads[1]
                         attention = attention - self.attention_lr * (g - g.mean()) / (g.std() + 0.01)
@@ -462,8 +479,20 @@ class FaceCloak(Attack):
                     bar.set_postfix(loss=f"{value.item():.3f}")
             history.append(round(total / (len(views) * (1 + self.variations)), 4))
         bar.close()
-        final = _clip(attention * delta, budget) if attention is not None else delta
+        final = self._project(attention * delta, budget) if attention is not None else delta
         return final.detach(), history
+
+    def _step(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.mask_l2:
+            return self.mask_l2 / 8 * grad / grad.norm().clamp_min(1e-12)
+        return self.step_size * grad.sign()
+
+    def _project(self, delta: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """Clip to the per-pixel budget, then (`mask_l2`) shorten to the L2 length: shortening keeps the clip."""
+        delta = _clip(delta, budget)
+        if self.mask_l2:
+            delta = delta * (self.mask_l2 / delta.norm().clamp_min(1e-12)).clamp_max(1.0)
+        return delta
 
 
 def _clip(delta: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from skimage.transform import SimilarityTransform
 
@@ -90,6 +91,32 @@ def test_learning_lowers_the_triplet_loss_and_protects_the_photo_it_learned_from
                              mask.budget)
         random = triplet(face, FaceCloak(detector=centre_faces, mask=noise)(photo), anchors)
     assert learned < triplet(face, photo, anchors) - 2e-3 and learned < random - 2e-3  # tiny model, small values
+
+
+def test_an_l2_mask_keeps_its_length_under_its_cap_and_near_self_pushes_the_face_from_itself():
+    face = tiny()
+    photo, gallery = random_images(1, 96, seed=1), [random_images(1, 80, seed=s) for s in (2, 3, 4, 5)]
+    length, cap = 3.0, 0.251
+    cloak = FaceCloak(face, eps=cap, near="self", mask_l2=length, num_iters=4, variations=2)
+    mask = cloak.learn([photo], gallery, torch.Generator().manual_seed(0))
+    assert length * 0.9 < float(mask.delta.norm()) <= length + 1e-4  # the length is used, never exceeded
+    assert mask.delta.abs().max() <= cap + 1e-6 and torch.equal(mask.budget, torch.full((1, 112, 112), cap))
+    # L2 steps spread the change unevenly: few values sit at the cap (sign steps put nearly all at the budget)
+    assert (mask.delta.abs() > cap - 1e-3).float().mean() < 0.05
+    assert mask.info["near"] == "self" and mask.info["mask_l2"] == length
+    assert mask.info["anchors"]["tiny"]["near"] == "self" and mask.info["loss"][-1] < mask.info["loss"][0]
+    with torch.no_grad():
+        own = F.normalize(face.embed(photo)[0][0], dim=0)
+        others = torch.cat([face.embed(g)[0] for g in gallery])
+        far = others[(others @ own).argmin()]
+        learned = triplet(face, cloak(photo), (own, far))
+        shuffle = torch.randperm(mask.delta.numel(), generator=torch.Generator().manual_seed(1))
+        noise = IdentityMask(mask.delta.flatten()[shuffle].view_as(mask.delta), mask.budget)  # same values, shuffled
+        random = triplet(face, FaceCloak(detector=centre_faces, mask=noise)(photo), (own, far))
+    assert learned < triplet(face, photo, (own, far)) - 1e-3 and learned < random - 1e-3  # tiny model, small values
+    for bad in (dict(near="person"), dict(mask_l2=-1.0)):
+        with pytest.raises(ValueError, match="near in"):
+            FaceCloak(face, **bad)
 
 
 def test_an_ensemble_learns_against_every_model_and_the_mask_survives_saving(tmp_path):
@@ -280,6 +307,14 @@ def test_facecloak_defaults_are_the_paper_s_and_its_options_are_checked(tmp_path
         with pytest.raises(SystemExit):
             parse(*bad)
     assert parse("--region", "full").region == "full"
+    with pytest.raises(SystemExit):  # 16 cannot be reached with every pixel at 8/255 (at most 0.0628 * 112 * 3 ** .5)
+        parse("--mask_l2", "16")
+    args = parse("--mask_l2", "16", "--attack_budget", "0.25", "--near", "self")
+    assert (args.mask_l2, args.attack_budget, args.near) == (16.0, 0.25, "self")
+    for facecloak_only in (["--near", "self"], ["--mask_l2", "4"]):
+        with pytest.raises(SystemExit):
+            defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock",
+                                                      *facecloak_only])
     with pytest.raises(SystemExit):
         defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", "--mask",
                                                   "m.safetensors"])
@@ -304,16 +339,23 @@ def test_the_facecloak_benchmark_bookkeeping(tmp_path, tiny_vae_dir, detector, c
         card = json.loads((tmp_path / name / "model.json").read_text())
         (tmp_path / name / "model.json").write_text(json.dumps({**card, "name": name}))
     out = tmp_path / "out"
-    argv = ["--faces", str(faces), "--output", str(out), "--methods", "none,noise,facecloak,facecloak+facelock",
+    argv = ["--faces", str(faces), "--output", str(out), "--methods",
+            "none,noise,facecloak,facecloak-l2-self,facecloak+facelock",
             "--size", "64", "--fr_model", str(models["attacked"]), "--judge", str(models["judge"]), "--vae",
             str(tiny_vae_dir), "--cloak_options", "--num_iters 1 --variations 0", "--facelock_iters", "2",
             "--device", "cpu"]
     assert benchmark_facecloak.main(argv) == 0
     with (out / "facecloak.csv").open() as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert list(rows) == ["none", "noise", "facecloak", "facecloak+facelock"]
-    assert [float(rows[m]["linf_255"]) for m in rows] == [0, 8, 8, 8]  # the mask and FaceLock at 4/255 each
+    assert list(rows) == ["none", "noise", "facecloak", "facecloak-l2-self", "facecloak+facelock"]
+    linf = {m: float(rows[m]["linf_255"]) for m in rows}  # the mask and FaceLock at 4/255 each in the last
+    assert (linf["none"], linf["noise"], linf["facecloak"], linf["facecloak+facelock"]) == (0, 8, 8, 8)
+    assert 0 < linf["facecloak-l2-self"] <= 31  # each pixel capped at 0.25 (31 whole levels)
+    l2_mask = IdentityMask.load(out / "masks" / "facecloak-l2-self" / "ann" / "budget_0.25" / main_defend.MASK_FILE)
+    assert (l2_mask.info["near"], l2_mask.info["mask_l2"]) == ("self", 16.0)
+    assert float(l2_mask.delta.norm()) <= 16 + 1e-4
     assert float(rows["facecloak"]["seconds_to_learn"]) > 0 and float(rows["facecloak"]["seconds_per_photo"]) > 0
+    assert float(rows["none"]["fr"]) == pytest.approx(1.0, abs=1e-4)  # a clean photo is itself
     assert all(0 <= float(r[f"{m}_{k}"]) <= 1 for r in rows.values() for m in ("judge", "attacked")
                for k in ("top1", "top5", "verification"))
     for person in ("ann", "bob"):  # cid has one photo: in the gallery, never a probe
