@@ -67,6 +67,8 @@ CONFIGS = {
     "eot": ["--eot", "jpeg,resize"],  # one random cleanup per step: the expectation is taken over the iterations
     "mi-di-eot": ["--momentum", "1.0", "--input_diversity", "0.5", "--eot", "jpeg,resize"],
     "mi-di-eot2": ["--momentum", "1.0", "--input_diversity", "0.5", "--eot", "jpeg,resize", "--eot_samples", "2"],
+    "l2": ["--norm", "l2"],  # budget --l2_budget (the L2 length of the change), step an eighth of it
+    "l2-eot": ["--norm", "l2", "--eot", "jpeg,resize"],
 }
 JUDGED_CLEANUPS = ("none", "jpeg75", "resize0.5+jpeg75")
 KINDS = ("crops", "full")
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--photos", type=int, help="protect only this many photos, spread evenly over the sorted "
                                                    "names (for quick sweeps; thresholds still use every photo)")
     parser.add_argument("--attack_budget", type=float, default=0.03, help="L-infinity budget in [-1, 1] units")
+    parser.add_argument("--l2_budget", type=float, default=8.0,
+                        help="the l2 config's budget: L2 length of the whole change in [-1, 1] units (8: about the "
+                             "PSNR of L-infinity 0.03 on the 256 px crops)")
     parser.add_argument("--num_iters", type=int, default=100, help="attack iterations")
     parser.add_argument("--vae", default="madebyollin/taesd", help="the surrogate autoencoder, also the 'editor'")
     parser.add_argument("--far", type=float, default=0.01, help="false-accept rate of the verdict thresholds")
@@ -128,13 +133,16 @@ def subset(folder: Path, count: int) -> Path:
 def protect(args: argparse.Namespace, photos: Path, out: Path, attacked: list[str], config: str, kind: str) -> Path:
     """Protect `photos` with FaceLock against `attacked` under `config`; returns the folder of protected photos."""
     models = attacked[:1] if config == "single" else attacked
+    l2 = "l2" in CONFIGS[config]
+    budget = args.l2_budget if l2 else args.attack_budget
+    step = ["--step_size", str(budget / 8)] if l2 else []
     main_defend.main(["--image_dir", str(photos), "--output_dir", str(out), "--defend_method", "facelock",
                       "--fr_model", ",".join(models), "--vae", args.vae, "--lpips", "none", "--allow_no_face",
-                      "--attack_budget", str(args.attack_budget), "--num_iters", str(args.num_iters),
+                      "--attack_budget", str(budget), *step, "--num_iters", str(args.num_iters),
                       "--seed", str(args.seed), "--device", args.device, "--max_size", "0",
                       "--batch_size", str(args.batch_size),
                       "--region", "face" if kind == "full" else "full", *CONFIGS[config]])
-    return out / f"budget_{args.attack_budget}"
+    return out / f"budget_{budget}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,6 +211,7 @@ def judge(args, kind: str, held_out: str, attacked: list[str], config: str, fold
             rows.append({"kind": kind, "held_out": held_out, "config": config, "photo": n, "cleanup": cleanup,
                          "fr_held_out": held, "protected": bool(math.isnan(held) or held <= threshold),
                          "fr_attacked": white, "psnr": psnr(protected, x).item(), "ssim": ssim(protected, x).item(),
+                         "linf_255": round(float((protected - x).abs().max()) * 127.5),
                          "seconds": timing.get(n, 0.0)})
     return rows
 
@@ -226,14 +235,16 @@ def report(rows: list[dict], thresholds: dict, args: argparse.Namespace) -> str:
              "detectable face counts as protected).", ""]
     for kind in dict.fromkeys(r["kind"] for r in rows):
         lines += [f"### {kind}", "", "| held out | config | protected: none / JPEG 75 / resize+JPEG 75 | held-out FR "
-                  "(none / JPEG 75) | attacked FR | PSNR (dB) | SSIM | s / photo |", "|---|---|---|---|---|---|---|---|"]
+                  "(none / JPEG 75) | attacked FR | PSNR (dB) | SSIM | L-inf (/255, largest) | s / photo |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for model in dict.fromkeys(r["held_out"] for r in rows if r["kind"] == kind):
             for config in dict.fromkeys(r["config"] for r in rows if r["kind"] == kind and r["held_out"] == model):
                 mine = {c: select(kind=kind, held_out=model, config=config, cleanup=c) for c in JUDGED_CLEANUPS}
                 lines.append(f"| {model} | {config} | " + " / ".join(fraction(mine[c]) for c in JUDGED_CLEANUPS)
                              + f" | {mean(mine['none'], 'fr_held_out')} / {mean(mine['jpeg75'], 'fr_held_out')} | "
                              f"{mean(mine['none'], 'fr_attacked')} | {mean(mine['none'], 'psnr', 1)} | "
-                             f"{mean(mine['none'], 'ssim')} | {mean(mine['none'], 'seconds', 1)} |")
+                             f"{mean(mine['none'], 'ssim')} | {max(r['linf_255'] for r in mine['none'])} | "
+                             f"{mean(mine['none'], 'seconds', 1)} |")
         lines.append("")
     return "\n".join(lines)
 

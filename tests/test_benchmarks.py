@@ -115,18 +115,22 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
             image.save(faces / person / f"{Path(name).stem}.png")
     out = tmp_path / "out"
     argv = ["--faces", str(faces), "--output", str(out), "--models", "sface,mobilefacenet", "--held_out", "sface",
-            "--configs", "mi", "--kinds", "crops", "--num_iters", "2", "--device", "cpu",
+            "--configs", "mi,l2", "--kinds", "crops", "--num_iters", "2", "--device", "cpu", "--l2_budget", "4",
             "--vae", str(assets / "models" / "taesd")]
     assert benchmark_transfer.main(argv) == 0
     with (out / "transfer.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 3 * 3  # (unprotected + the config) x photos x cleanups
-    assert {(r["held_out"], r["config"]) for r in rows} == {("sface", "none"), ("sface", "mi")}
+    assert len(rows) == 3 * 3 * 3  # (unprotected + the two configs) x photos x cleanups
+    assert {(r["held_out"], r["config"]) for r in rows} == {("sface", "none"), ("sface", "mi"), ("sface", "l2")}
+    assert max(int(r["linf_255"]) for r in rows if r["config"] == "mi") == 3  # 0.03 is 3.8 levels
+    l2 = (out / "protected" / "crops" / "sface" / "l2" / "budget_4.0" / "manifest.json").read_text()
+    assert '"norm": "l2"' in l2 and '"step_size": 0.5' in l2 and '"attack_budget": 4.0' in l2
     unprotected = [r for r in rows if r["config"] == "none" and r["cleanup"] == "none"]
     assert all(float(r["fr_held_out"]) > 0.5 and r["protected"] == "False" for r in unprotected)
     manifest = (out / "protected" / "crops" / "sface" / "mi" / "budget_0.03" / "manifest.json").read_text()
     assert '"fr_model": "mobilefacenet"' in manifest and '"momentum": 1.0' in manifest
-    assert "| sface | mi |" in (out / "transfer.md").read_text()
+    table = (out / "transfer.md").read_text()
+    assert "| sface | mi |" in table and "| sface | l2 |" in table
     stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
     assert benchmark_transfer.main(argv) == 0  # resumes: nothing protected again
     assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
