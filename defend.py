@@ -253,7 +253,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
             args.mask_size < 112 or args.mask_size % 112 or args.arc2face < 0 or args.mask_l2 < 0:
         parser.error("--sticker_budget and --highpass_budget must be in (0, 1], --variations, --arc2face and "
                      "--mask_l2 >= 0 and --mask_size a multiple of 112")
-    if args.mask_l2 > args.attack_budget * args.mask_size * math.sqrt(3):
+    caps = [args.attack_budget] + [getattr(args, f"{name}_budget") for name in ("sticker", "highpass") if name in focus]
+    if args.mask_l2 > max(caps) * args.mask_size * math.sqrt(3):  # even with every pixel at its largest budget
         parser.error(f"--mask_l2 {args.mask_l2} cannot be reached with each pixel capped at --attack_budget "
                      f"{args.attack_budget}: raise --attack_budget (e.g. 0.25) or lower --mask_l2")
     if (args.mask or args.gallery or args.mask_l2 or args.near != "gallery") and args.defend_method != "facecloak":

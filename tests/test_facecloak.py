@@ -309,6 +309,7 @@ def test_facecloak_defaults_are_the_paper_s_and_its_options_are_checked(tmp_path
     assert parse("--region", "full").region == "full"
     with pytest.raises(SystemExit):  # 16 cannot be reached with every pixel at 8/255 (at most 0.0628 * 112 * 3 ** .5)
         parse("--mask_l2", "16")
+    assert parse("--mask_l2", "16", "--focus", "stickers").mask_l2 == 16  # the stickers' pixels may take more
     args = parse("--mask_l2", "16", "--attack_budget", "0.25", "--near", "self")
     assert (args.mask_l2, args.attack_budget, args.near) == (16.0, 0.25, "self")
     for facecloak_only in (["--near", "self"], ["--mask_l2", "4"]):
