@@ -253,7 +253,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
             args.mask_size < 112 or args.mask_size % 112 or args.arc2face < 0 or args.mask_l2 < 0:
         parser.error("--sticker_budget and --highpass_budget must be in (0, 1], --variations, --arc2face and "
                      "--mask_l2 >= 0 and --mask_size a multiple of 112")
-    caps = [args.attack_budget] + [getattr(args, f"{name}_budget") for name in ("sticker", "highpass") if name in focus]
+    caps = [args.attack_budget] + [cap for name, cap in (("stickers", args.sticker_budget),
+                                                          ("highpass", args.highpass_budget)) if name in focus]
     if args.mask_l2 > max(caps) * args.mask_size * math.sqrt(3):  # even with every pixel at its largest budget
         parser.error(f"--mask_l2 {args.mask_l2} cannot be reached with each pixel capped at --attack_budget "
                      f"{args.attack_budget}: raise --attack_budget (e.g. 0.25) or lower --mask_l2")
