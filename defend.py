@@ -26,6 +26,7 @@ from PIL import Image
 import methods
 from evaluation.metrics.psnr import psnr
 from evaluation.walker import photos_under
+from methods.base import L2_STEP
 from methods.downloads import sha256_of
 from methods.facecloak import FOCUS, NEAR, FaceCloak, IdentityMask
 from methods.faces import FaceDetector, NoFaceError
@@ -433,7 +434,7 @@ def compile_models(components: dict) -> None:
 def describe_attack(args: argparse.Namespace, attack: methods.Attack) -> str:
     parts = [f"{args.defend_method}: budget {budget_in_255(args.attack_budget, args.norm)}"]
     if isinstance(attack, FaceCloak):  # applying a mask has no steps; learning one takes passes over the photos
-        l2 = f"mask L2 {args.mask_l2} (steps {args.mask_l2 / 8:g})" if args.mask_l2 else f"step {args.step_size}"
+        l2 = f"mask L2 {args.mask_l2} (steps {args.mask_l2 * L2_STEP:g})" if args.mask_l2 else f"step {args.step_size}"
         parts.append(f"mask {args.mask}" if args.mask else f"{l2}, {args.num_iters} passes, focus {args.focus}, near "
                      f"{args.near}, {args.variations} variations per photo, gallery {args.gallery}")
     elif hasattr(attack, "step_size"):

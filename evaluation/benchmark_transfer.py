@@ -30,6 +30,7 @@ from PIL import Image
 
 import main_defend
 from methods.autoencoder import as_autoencoder
+from methods.base import L2_STEP
 from methods.faces import FaceDetector
 from utils import (
     UserError,
@@ -135,7 +136,7 @@ def protect(args: argparse.Namespace, photos: Path, out: Path, attacked: list[st
     models = attacked[:1] if config == "single" else attacked
     l2 = "l2" in CONFIGS[config]
     budget = args.l2_budget if l2 else args.attack_budget
-    step = ["--step_size", str(budget / 8)] if l2 else []
+    step = ["--step_size", str(budget * L2_STEP)] if l2 else []
     main_defend.main(["--image_dir", str(photos), "--output_dir", str(out), "--defend_method", "facelock",
                       "--fr_model", ",".join(models), "--vae", args.vae, "--lpips", "none", "--allow_no_face",
                       "--attack_budget", str(budget), *step, "--num_iters", str(args.num_iters),

@@ -45,6 +45,8 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 
 
 NORMS = ("linf", "l2")
+#: An L2 attack's step length as a share of its budget (the L2 length of the whole change): an eighth.
+L2_STEP = 1 / 8
 
 
 def budget_limit(norm: str, bounds: tuple[float, float] = (-1.0, 1.0)) -> float:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .base import Attack, Generators, frozen, uniform_noise
+from .base import L2_STEP, Attack, Generators, frozen, uniform_noise
 from .faces import ARCFACE_TEMPLATE, Faces, NoFaceError, arcface_matrix, warp_affine
 from .registry import register
 from .transforms import ColorJitter, GaussianBlur, Lighting, PillowJPEG, RandomAffine, _draw
@@ -484,7 +484,7 @@ class FaceCloak(Attack):
 
     def _step(self, grad: torch.Tensor) -> torch.Tensor:
         if self.mask_l2:
-            return self.mask_l2 / 8 * grad / grad.norm().clamp_min(1e-12)
+            return self.mask_l2 * L2_STEP * grad / grad.norm().clamp_min(1e-12)
         return self.step_size * grad.sign()
 
     def _project(self, delta: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .autoencoder import as_autoencoder
-from .base import NORMS, Generators, PGDAttack, budget_limit, frozen, project
+from .base import L2_STEP, NORMS, Generators, PGDAttack, budget_limit, frozen, project
 from .faces import EnsembleReference, FaceReference, Faces, NoFaceError
 
 
@@ -232,7 +232,7 @@ class IdentityGuard:
         With `refine` 0, `protected` as it is."""
         if not self.refine_iterations:
             return protected
-        step = self.eps / 3 if self.norm == "linf" else self.eps / 8
+        step = self.eps / 3 if self.norm == "linf" else self.eps * L2_STEP
         attack = IdentityRefinement(self, identity, protected, step_size=step, num_iters=self.refine_iterations,
                                     **self.refinement)
         return attack(cleans.float(), generator)
