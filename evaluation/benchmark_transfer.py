@@ -4,15 +4,15 @@
 
 For every face model of `--models` (default: the three of the offline assets), the photos are protected by FaceLock
 attacking all the others together (`--fr_model a,b`) and judged by the one left out, for each attack configuration
-(`--configs`: plain PGD, momentum, input diversity, translation invariance, their combinations, expectation over
-JPEG, and `single`: one attacked model alone, as the toolkit did before ensembles). A photo counts as protected when
-the held-out model's similarity between it and the TAESD round trip of its protected copy is below that model's
-threshold at a 1 % false-accept rate, calibrated on the same photos' identities (a round trip in which the model finds
-no face counts as protected: nothing can be matched). Reported without cleanup, after JPEG
-75 and after resizing to half plus JPEG 75, with the similarity by the attacked models, the perturbation's PSNR and
-SSIM and the seconds per photo. The photos are 256 px squares around each face (`crops`) and the whole portraits at
-512 px (`full`, attacked in the square around the face, `--region face`). Protected photos are kept, so a rerun
-resumes; `faces-holdout/` is refused.
+(`--configs`: plain PGD, the per-image maximum over the attacked models instead of their mean, momentum, input
+diversity, translation invariance, their combinations, expectation over JPEG, an L2 budget, and `single`: one attacked
+model alone, as the toolkit did before ensembles). A photo counts as protected when the held-out model's similarity
+between it and the TAESD round trip of its protected copy is below that model's threshold at a 1 % false-accept rate,
+calibrated on the same photos' identities (a round trip in which the model finds no face counts as protected: nothing
+can be matched). Reported without cleanup, after JPEG 75 and after resizing to half plus JPEG 75, with the similarity
+by the attacked models, the perturbation's PSNR and SSIM and the seconds per photo. The photos are 256 px squares
+around each face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square around the face,
+`--region face`). Protected photos are kept, so a rerun resumes; `faces-holdout/` is refused.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 CONFIGS = {
     "single": [],  # the first attacked model alone
     "plain": [],
+    "max": ["--fr_combine", "max"],  # each step attacks the attacked model that still matches best
     "mi": ["--momentum", "1.0"],
     "di": ["--input_diversity", "0.5"],
     "ti": ["--ti_kernel", "5"],
