@@ -6,13 +6,14 @@ For every face model of `--models` (default: the three of the offline assets), t
 attacking all the others together (`--fr_model a,b`) and judged by the one left out, for each attack configuration
 (`--configs`: plain PGD, the per-image maximum over the attacked models instead of their mean, momentum, input
 diversity, translation invariance, their combinations, expectation over JPEG, an L2 budget, and `single`: one attacked
-model alone, as the toolkit did before ensembles). A photo counts as protected when the held-out model's similarity
-between it and the TAESD round trip of its protected copy is below that model's threshold at a 1 % false-accept rate,
-calibrated on the same photos' identities (a round trip in which the model finds no face counts as protected: nothing
-can be matched). Reported without cleanup, after JPEG 75 and after resizing to half plus JPEG 75, with the similarity
-by the attacked models, the perturbation's PSNR and SSIM and the seconds per photo. The photos are 256 px squares
-around each face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square around the face,
-`--region face`). Protected photos are kept, so a rerun resumes; `faces-holdout/` is refused.
+model alone, as the toolkit did before ensembles, `single-di` with input diversity). A photo counts as protected when
+the held-out model's similarity between it and the TAESD round trip of its protected copy is below that model's
+threshold at a 1 % false-accept rate, calibrated on the same photos' identities (a round trip in which the model finds
+no face counts as protected: nothing can be matched). Reported without cleanup, after JPEG 75 and after resizing to
+half plus JPEG 75, with the similarity by the attacked models, the perturbation's PSNR and SSIM and the seconds per
+photo. The photos are 256 px squares around each face (`crops`) and the whole portraits at 512 px (`full`, attacked in
+the square around the face, `--region face`). Protected photos are kept, so a rerun resumes; `faces-holdout/` is
+refused.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 
 #: Attack configurations: main_defend.py options on top of FaceLock with the attacked ensemble.
 CONFIGS = {
-    "single": [],  # the first attacked model alone
+    "single": [],  # the first attacked model alone (so does every configuration named single-...)
+    "single-di": ["--input_diversity", "0.5"],
     "plain": [],
     "max": ["--fr_combine", "max"],  # each step attacks the attacked model that still matches best
     "mi": ["--momentum", "1.0"],
@@ -132,9 +134,14 @@ def subset(folder: Path, count: int) -> Path:
     return target
 
 
+def alone(attacked: list[str], config: str) -> list[str]:
+    """The models `config` attacks: the first alone for `single` and `single-...`, else all."""
+    return attacked[:1] if config.split("-")[0] == "single" else attacked
+
+
 def protect(args: argparse.Namespace, photos: Path, out: Path, attacked: list[str], config: str, kind: str) -> Path:
     """Protect `photos` with FaceLock against `attacked` under `config`; returns the folder of protected photos."""
-    models = attacked[:1] if config == "single" else attacked
+    models = alone(attacked, config)
     l2 = "l2" in CONFIGS[config]
     budget = args.l2_budget if l2 else args.attack_budget
     step = ["--step_size", str(budget * L2_STEP)] if l2 else []
@@ -184,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs[config] = protect(args, folders[kind], output / "protected" / kind / model / config, attacked,
                                        config, kind)
             for config, folder in runs.items():
-                rows += judge(args, kind, model, attacked if config != "single" else attacked[:1], config, folder,
+                rows += judge(args, kind, model, alone(attacked, config), config, folder,
                               names[kind], sources, judges, autoencoder, thresholds[model].threshold)
                 write_csv(rows, output / "transfer.csv")
     text = report(rows, thresholds, args)

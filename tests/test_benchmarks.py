@@ -106,6 +106,8 @@ def test_reference_loop_recomputes_the_clean_references_at_every_iteration():
 def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, capsys):
     from evaluation import benchmark_transfer
 
+    assert benchmark_transfer.alone(["sface", "mobileface"], "single-di") == ["sface"]  # single-...: the first alone
+    assert benchmark_transfer.alone(["sface", "mobileface"], "mi-di") == ["sface", "mobileface"]
     faces = tmp_path / "faces"
     for person, files in (("obama", ("obama.jpg", "obama2.jpg")), ("biden", ("biden2.jpg",))):
         (faces / person).mkdir(parents=True)
