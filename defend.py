@@ -28,7 +28,7 @@ from evaluation.metrics.psnr import psnr
 from evaluation.walker import photos_under
 from methods.base import L2_STEP
 from methods.downloads import sha256_of
-from methods.facecloak import FOCUS, NEAR, FaceCloak, IdentityMask
+from methods.facecloak import FOCUS, NEAR, FaceCloak, IdentityMask, focus_budgets
 from methods.faces import FaceDetector, NoFaceError
 from methods.placement import Placement, budget_levels, face_region, paste, place, work_image
 from methods.transforms import EOT_TRANSFORMS, eot_transform
@@ -254,8 +254,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
             args.mask_size < 112 or args.mask_size % 112 or args.arc2face < 0 or args.mask_l2 < 0:
         parser.error("--sticker_budget and --highpass_budget must be in (0, 1], --variations, --arc2face and "
                      "--mask_l2 >= 0 and --mask_size a multiple of 112")
-    caps = [args.attack_budget] + [cap for name, cap in (("stickers", args.sticker_budget),
-                                                          ("highpass", args.highpass_budget)) if name in focus]
+    caps = focus_budgets(args.attack_budget, focus, args.sticker_budget, args.highpass_budget)
     if args.mask_l2 > max(caps) * args.mask_size * math.sqrt(3):  # even with every pixel at its largest budget
         parser.error(f"--mask_l2 {args.mask_l2} cannot be reached with each pixel capped at --attack_budget "
                      f"{args.attack_budget}: raise --attack_budget (e.g. 0.25) or lower --mask_l2")

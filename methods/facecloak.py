@@ -37,6 +37,11 @@ LIGHT, COLOUR = Lighting(strength=(0.0, 0.3), gamma=(0.8, 1.25)), ColorJitter()
 BLUR, CODEC = GaussianBlur(sigma=(0.3, 1.2)), PillowJPEG(quality=(60, 95))
 
 
+def focus_budgets(eps: float, focus: Sequence[str], sticker_budget: float, highpass_budget: float) -> list[float]:
+    """The per-pixel budgets a mask's pixels may take under `focus`: the base `eps`, then each enlarged region's."""
+    return [eps] + [b for name, b in (("stickers", sticker_budget), ("highpass", highpass_budget)) if name in focus]
+
+
 def template(size: int) -> np.ndarray:
     """The five ArcFace landmarks in a `size` x `size` aligned face."""
     return ARCFACE_TEMPLATE * size / 112
@@ -266,8 +271,7 @@ class FaceCloak(Attack):
         if step_size <= 0 or num_iters < 1 or variations < 0 or near not in NEAR or mask_l2 < 0:
             raise ValueError(f"need step_size > 0, num_iters >= 1, variations >= 0, near in {NEAR} and mask_l2 >= 0, "
                              f"got {step_size}, {num_iters}, {variations}, {near!r} and {mask_l2}")
-        budgets = [eps] + [b for name, b in (("stickers", sticker_budget), ("highpass", highpass_budget))
-                           if name in focus]
+        budgets = focus_budgets(eps, focus, sticker_budget, highpass_budget)
         if min(budgets) <= 0:
             raise ValueError(f"budgets must be positive, got {budgets}")
         super().__init__(eps=max(budgets), progress=progress)
