@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cloak_options", default="", help="more main_defend.py options for every facecloak run "
                                                             "(e.g. '--variations 16')")
     parser.add_argument("--facelock_iters", type=int, default=100, help="FaceLock iterations")
+    parser.add_argument("--facelock_options", default="", help="more main_defend.py options for the FaceLock runs, "
+                                                               "over --preset small's (e.g. '--input_diversity 0')")
     parser.add_argument("--vae", default="madebyollin/taesd", help="the autoencoder of FaceLock and the round trip")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attacks")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -148,7 +150,8 @@ def protect(method: str, args: argparse.Namespace, output: Path, people: dict[st
     if METHODS[method] is None:
         return {name: photos_dir / f"{name}.png" for name in probes}, [], {}
     facelock = ["--defend_method", "facelock", "--preset", "small", "--num_iters", str(args.facelock_iters),
-                "--vae", args.vae, "--fr_model", args.fr_model, "--region", "full"]  # the crops are the face's square
+                "--vae", args.vae, "--fr_model", args.fr_model, "--region", "full",  # the crops are the face's square
+                *args.facelock_options.split()]
     if not method.startswith("facecloak"):
         options = facelock if method == "facelock" else METHODS[method]
         folder = defend(folder_of(output, "probes", probes, photos_dir), output / "protected" / method, options,

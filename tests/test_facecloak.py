@@ -344,7 +344,7 @@ def test_the_facecloak_benchmark_bookkeeping(tmp_path, tiny_vae_dir, detector, c
             "none,noise,facecloak,facecloak-l2-self,facecloak+facelock",
             "--size", "64", "--fr_model", str(models["attacked"]), "--judge", str(models["judge"]), "--vae",
             str(tiny_vae_dir), "--cloak_options", "--num_iters 1 --variations 0", "--facelock_iters", "2",
-            "--device", "cpu"]
+            "--facelock_options", "--input_diversity 0", "--device", "cpu"]
     assert benchmark_facecloak.main(argv) == 0
     with (out / "facecloak.csv").open() as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
@@ -355,6 +355,9 @@ def test_the_facecloak_benchmark_bookkeeping(tmp_path, tiny_vae_dir, detector, c
     l2_mask = IdentityMask.load(out / "masks" / "facecloak-l2-self" / "ann" / "budget_0.25" / main_defend.MASK_FILE)
     assert (l2_mask.info["near"], l2_mask.info["mask_l2"]) == ("self", 16.0)
     assert float(l2_mask.delta.norm()) <= 16 + 1e-4
+    facelock = json.loads((out / "protected" / "facecloak+facelock" / "ann+facelock" / "budget_0.0314" /
+                           "manifest.json").read_text())["parameters"]
+    assert (facelock["input_diversity"], facelock["vae"]) == (0.0, str(tiny_vae_dir))  # over the preset's 0.5
     assert float(rows["facecloak"]["seconds_to_learn"]) > 0 and float(rows["facecloak"]["seconds_per_photo"]) > 0
     assert float(rows["none"]["fr"]) == pytest.approx(1.0, abs=1e-4)  # a clean photo is itself
     assert all(0 <= float(r[f"{m}_{k}"]) <= 1 for r in rows.values() for m in ("judge", "attacked")
