@@ -133,7 +133,9 @@ def test_real_models_recognise_the_photo_and_not_its_facelock_protected_copy(ass
         report = json.loads(capsys.readouterr().out)
         with capsys.disabled():
             print(f"\n{'control' if not extra else 'protected'}: " +
-                  ", ".join(f"{r['sharing']} {r['similarity']:.3f}" for r in report["results"]))
+                  ", ".join(f"{r['sharing']} {r['similarity']:.3f}" for r in report["results"]) +
+                  (f"; L-inf {report['linf_255']}/255, PSNR {report['psnr']:.1f} dB" if extra else "") +
+                  f": {report['conclusion']}")
         assert report["judges"][0]["model"] == "mobilefacenet"
         assert "thresholds.json" in report["judges"][0]["threshold_source"]  # the shipped table, not recalibrated
         assert report["summary"]["as posted"] == expected

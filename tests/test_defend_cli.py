@@ -57,6 +57,18 @@ def test_targeted_flags_and_presets():
     small = parse("--preset", "small")
     assert (small.vae, small.fr_model, small.lpips, small.region) == ("madebyollin/taesd", "sface", "none", "face")
     assert parse("--preset", "small", "--region", "full").region == "full"
+    assert small.input_diversity == 0.0  # the preset's input diversity is FaceLock's only
+
+
+def test_small_preset_gives_facelock_input_diversity():
+    parse = lambda *extra: defend.parse_args(  # noqa: E731
+        defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", *extra])
+    assert parse("--preset", "small").input_diversity == 0.5
+    assert parse("--preset", "small", "--input_diversity", "0").input_diversity == 0.0  # an explicit flag wins
+    assert parse().input_diversity == parse("--preset", "paper").input_diversity == 0.0
+    for method in ("cw", "noise", "facecloak"):  # no error for a method without the lever, no change to FaceCloak
+        assert defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", method,
+                                                         "--preset", "small"]).input_diversity == 0.0
 
 
 @pytest.mark.parametrize("script", ["defend.py", "main_defend.py"])
