@@ -604,8 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 headline = naive / ours
         taesd = channels_last(autoencoder("TAESD", device, dtype))
         if "end_to_end" in sections:
-            emit(f"## {where}: FaceLock end to end (TAESD + {args.fr_model}, 100 iterations, no LPIPS: "
-                 "--preset small)")
+            emit(f"## {where}: FaceLock end to end (TAESD + {args.fr_model}, 100 iterations, no LPIPS: the models "
+                 "of --preset small, plain sign steps, the whole photo)")
             emit()
             emit(table(["photo", "seconds"], end_to_end(args, device, face, taesd)))
             emit()
