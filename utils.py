@@ -1,8 +1,7 @@
-"""What the scripts share: image I/O at the edges, atomic writes, seeds, devices, model loading and user errors.
+"""The ground floor, which imports nothing of the project: image I/O at the edges, atomic writes, seeds, devices,
+prompts and user errors.
 
 Inside the project images are `N x 3 x H x W` float tensors in `[-1, 1]`; this module converts from and to files.
-It is also the one place that reads the `FACELOCK_ASSETS` environment variable (a local model folder laid out
-like `../shared/assets/`, used where the Hugging Face hub cannot be reached).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from methods.placement import budget_levels, round_within_l2
-
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
@@ -34,22 +31,8 @@ MIN_SIDE = 64
 #: The largest photo accepted, in pixels (today's phones take up to 200 megapixels); larger files are refused
 #: before they are decoded. It replaces Pillow's decompression-bomb limit (89 megapixels) for this project's reads.
 MAX_PIXELS = 250_000_000
-ASSETS_ENV = "FACELOCK_ASSETS"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-#: Models with a copy in a FACELOCK_ASSETS folder, by name.
-LOCAL_COPIES = {
-    "madebyollin/taesd": "models/taesd",
-    "sface": "models/sface/model.onnx",
-    "mobilefacenet": "models/mobilefacenet/model.onnx",
-    "mobileface": "models/mobileface/model.onnx",
-}
-#: Editor checkpoints by --model / --target_model when --model_id is not given.
-EDITOR_IDS = {"instruct-pix2pix": "timbrooks/instruct-pix2pix",
-              "stable-diffusion": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-EDITOR_ID_HELP = (f"Hugging Face id or folder of the editor (default: {EDITOR_IDS['instruct-pix2pix']}, or "
-                  f"{EDITOR_IDS['stable-diffusion']} for stable-diffusion)")
-
 
 #: The 25 editing instructions of the FaceLock paper's code, verbatim (typos included: they drive the metrics).
 PAPER_PROMPTS = (
@@ -197,22 +180,6 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float | np.ndarray, norm: str = "linf") -> np.ndarray:
-    """Round a protected image to 8 bits without leaving the budget: each pixel moves from the clean 8-bit value
-    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units; a
-    number, or a per-pixel `H x W x 1` array).
-
-    With `norm="l2"` (`eps` the L2 length of the whole perturbation in `[-1, 1]` units), the perturbation is rounded
-    within that length (`methods.placement.round_within_l2`)."""
-    adversarial = (x_adv.detach().float().cpu().reshape(-1, *x_adv.shape[-2:]).permute(1, 2, 0).numpy() + 1) * 127.5
-    exact = adversarial - clean.astype(np.float64)
-    if norm == "l2":
-        return round_within_l2(exact, clean, eps * 127.5)
-    levels = budget_levels(eps)
-    delta = np.clip(np.round(exact), -levels, levels)
-    return np.clip(clean.astype(np.int64) + delta, 0, 255).astype(np.uint8)
-
-
 def linf_255(a: np.ndarray, b: np.ndarray) -> int:
     """L-infinity distance between two uint8 images, in 1/255 units."""
     return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
@@ -279,7 +246,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 #: zlib level of the PNGs written: 1 writes a perturbed photo about 3 times faster than Pillow's default 6, for files
-#: about 13 % larger (`python -m evaluation.benchmark_speed` measures it).
+#: about 13 % larger (`python -m evaluation.benchmarks.speed --sections png` measures it).
 PNG_LEVEL = 1
 
 
@@ -347,127 +314,3 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-# ----------------------------------------------------------------------------------------------- models
-
-def local_copy(name: str) -> Path | None:
-    """The copy of model `name` in the FACELOCK_ASSETS folder, if that variable is set and the copy exists."""
-    root = os.environ.get(ASSETS_ENV)
-    if not root or name not in LOCAL_COPIES:
-        return None
-    path = Path(root) / LOCAL_COPIES[name]
-    return path if path.exists() else None
-
-
-def _offline_hint(name: str) -> str:
-    return (f"download it on a connected machine (it is then cached), pass a local folder instead, or set "
-            f"{ASSETS_ENV} to a model folder" + (f" holding {LOCAL_COPIES[name]}" if name in LOCAL_COPIES else ""))
-
-
-def load_pretrained(load: Callable[..., Any], name: str, what: str, marker: str = "config.json",
-                    subfolder: str | None = None, **kwargs: Any) -> Any:
-    """`load(source, ...)` for a diffusers/transformers `from_pretrained`, where `name` is a local folder, a model
-    with a FACELOCK_ASSETS copy, or a hub id (the hub cache is tried before the network), loaded at its pinned
-    revision (`methods.downloads.HUB_REVISIONS`) or at the one named as `org/name@revision`. Raises
-    `ModelUnavailable` naming `what` and how to get it offline."""
-    from methods.downloads import split_revision
-
-    source = local_copy(name) or name
-    if Path(source).is_dir():
-        location = Path(source) / (subfolder or "")
-        if not (location / marker).is_file():
-            raise ModelUnavailable(f"{location} has no {marker}; it is not a folder holding {what}")
-        return load(str(location), **kwargs)
-    repo, revision = split_revision(str(source))
-    if revision:
-        kwargs["revision"] = revision
-    else:
-        logger.warning("%s is not pinned to a revision: loading the current one (pin it as %s@<commit>)", repo, repo)
-    reason = ""
-    if subfolder:
-        kwargs["subfolder"] = subfolder
-    for local_only in (True, False):
-        try:
-            return load(repo, local_files_only=local_only, **kwargs)
-        except (OSError, ValueError) as error:
-            reason = str(error).splitlines()[0]
-    raise ModelUnavailable(f"cannot load {what} ({reason}); {_offline_hint(name)}")
-
-
-def load_autoencoder(spec: str | None, model_id: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The diffusers autoencoder to attack: `spec` (hub id or local folder, e.g. `madebyollin/taesd`), or by
-    default the `vae` subfolder of the editor `model_id`."""
-    from diffusers import AutoModel
-
-    name, subfolder = (spec, None) if spec else (model_id, "vae")
-    what = f"the autoencoder of {name}" + (f" ({subfolder}/)" if subfolder else "")
-    vae = load_pretrained(AutoModel.from_pretrained, name, what, subfolder=subfolder, torch_dtype=dtype)
-    if not (hasattr(vae, "encode") and hasattr(vae, "decode")):
-        raise ModelUnavailable(f"{name} is a {type(vae).__name__}, not an autoencoder")
-    return vae.to(device).eval()
-
-
-def load_face_identity(spec: str, device: torch.device, keep: str = "largest",
-                       combine: str = "mean") -> torch.nn.Module:
-    """Face detection, alignment and recognition for `--fr_model`: `facenet`, `sface`, `mobilefacenet`,
-    `mobileface`, `adaface`, or a path to an ONNX face model (with a `model.json` contract beside it). A
-    comma-separated list gives a `FaceEnsemble` of those models, each loaded once, sharing one detector, their
-    similarities combined by `combine` (mean or max)."""
-    from methods.faces import FaceDetector, FaceEnsemble, FaceIdentity
-
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    if not names or len(set(names)) < len(names):
-        raise ModelUnavailable(f"--fr_model {spec!r}: name one or more different face models, comma-separated")
-    detector = FaceDetector(keep=keep)
-    members = [FaceIdentity(_load_face_embedder(name).to(device).eval(), detector) for name in names]
-    return members[0] if len(members) == 1 else FaceEnsemble(members, combine=combine)
-
-
-def _load_face_embedder(spec: str) -> torch.nn.Module:
-    from methods.faces import load_adaface, load_facenet, load_onnx_embedder
-
-    try:
-        if spec == "facenet":
-            return load_facenet()
-        if spec == "adaface":
-            return load_adaface()
-        if spec in ("sface", "mobilefacenet", "mobileface"):
-            return load_onnx_embedder(local_copy(spec) or _download_onnx_face(spec))
-        if spec.endswith(".onnx"):
-            return load_onnx_embedder(spec)
-        raise ModelUnavailable(f"unknown face model {spec!r}; use facenet, sface, mobilefacenet, mobileface, "
-                               f"adaface or a path to an .onnx face model")
-    except FileNotFoundError as error:
-        raise ModelUnavailable(str(error)) from None
-    except OSError as error:  # downloads: urllib's URLError, hub errors
-        raise ModelUnavailable(f"cannot load face model {spec!r} ({str(error).splitlines()[0]}); "
-                               f"{_offline_hint(spec)}") from None
-
-
-def _download_onnx_face(name: str) -> Path:
-    """SFace from the OpenCV model zoo at a pinned commit, checked against its SHA-256 and cached under torch's hub
-    folder with its `model.json`."""
-    from methods.downloads import SFACE, fetch
-
-    if name != "sface":
-        raise FileNotFoundError(f"{name} has no public download; set {ASSETS_ENV} to a folder holding "
-                                f"{LOCAL_COPIES[name]} or pass the .onnx path to --fr_model")
-    folder = Path(torch.hub.get_dir()) / "facelock" / name
-    path = fetch(SFACE, folder / "model.onnx")
-    if not (folder / "model.json").is_file():
-        write_json({"name": "sface", "input_size": [112, 112], "input_range": [0, 255], "channel_order": "RGB",
-                    "alignment": "arcface", "source": SFACE.url, "sha256": SFACE.sha256}, folder / "model.json")
-    return path
-
-
-def load_perceptual(spec: str, device: torch.device) -> torch.nn.Module | None:
-    """FaceLock's perceptual term: `vgg` (LPIPS-VGG, as the paper) or `none`."""
-    if spec == "none":
-        return None
-    from methods.perceptual import load_lpips_vgg
-
-    try:
-        return load_lpips_vgg().to(device)
-    except FileNotFoundError as error:
-        raise ModelUnavailable(str(error)) from None

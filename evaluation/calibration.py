@@ -19,7 +19,6 @@ import datetime
 import itertools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,21 +26,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from methods.downloads import sha256_of
-from utils import (
-    ASSETS_ENV,
-    UserError,
-    load_face_identity,
-    load_image,
-    local_copy,
-    pick_device,
-    pil_to_tensor,
-    run_script,
-    write_json,
-)
-
-from .batch import package_versions
-from .walker import photos_under
+from methods.models import loading
+from methods.models.downloads import sha256_of
+from methods.models.loading import ASSETS_ENV, load_face_identity, local_copy
+from methods.pipeline.photos import photos_under
+from methods.pipeline.runs import package_versions
+from utils import UserError, load_image, pick_device, pil_to_tensor, run_script, write_json
 
 
 @dataclass
@@ -131,7 +121,7 @@ def pair_similarities(identity, photos: Sequence[tuple[Path, str]], device: torc
 
 def calibrate(identity, photos: Sequence[tuple[Path, str]], far: float = 0.01,
               device: torch.device | None = None) -> Calibration:
-    """The threshold of the face model `identity` (a `methods.faces.FaceIdentity`) at `far` on `photos`."""
+    """The threshold of the face model `identity` (a `methods.models.faces.FaceIdentity`) at `far` on `photos`."""
     device = device or next(identity.parameters()).device
     genuine, impostor = pair_similarities(identity, photos, device)
     threshold = threshold_at_far(impostor, far)
@@ -141,10 +131,10 @@ def calibrate(identity, photos: Sequence[tuple[Path, str]], far: float = 0.01,
 
 def default_faces() -> Path:
     """`$FACELOCK_ASSETS/faces`, the calibration photos of the offline assets."""
-    root = os.environ.get(ASSETS_ENV)
-    if not root:
+    root = loading.assets_root()
+    if root is None:
         raise UserError(f"pass --faces, or set {ASSETS_ENV} to a folder holding faces/")
-    return Path(root) / "faces"
+    return root / "faces"
 
 
 def build_parser() -> argparse.ArgumentParser:

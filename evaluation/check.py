@@ -18,33 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from methods.autoencoder import as_autoencoder
-from methods.transforms import PillowJPEG
-from utils import (
-    ASSETS_ENV,
-    InputError,
-    UserError,
-    linf_255,
-    load_autoencoder,
-    load_face_identity,
-    load_image,
-    local_copy,
-    pick_device,
-    pil_to_tensor,
-    run_script,
-)
+from methods.models import loading
+from methods.models.autoencoder import as_autoencoder
+from methods.models.loading import ASSETS_ENV, load_autoencoder, load_face_identity, local_copy
+from utils import InputError, UserError, linf_255, load_image, pick_device, pil_to_tensor, run_script
 
 from .calibration import Calibration, calibrate, labelled_photos, model_digest, read_thresholds
+from .cleanups import SHARING, fit_long_side
 from .metrics.facial import FaceSimilarity
 from .metrics.psnr import psnr
 
@@ -53,30 +42,6 @@ THRESHOLDS = Path(__file__).resolve().parents[1] / "assets" / "thresholds.json"
 #: The face model the small preset (and the web page) protects against; a judge must be another.
 PROTECTION_FR_MODEL = "sface"
 EDITOR_VAE = "madebyollin/taesd"
-SOCIAL_LONG_SIDE = 1080
-
-
-def fit_long_side(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Images scaled down (antialiased) so that their long side is at most `size`; smaller ones are unchanged."""
-    height, width = x.shape[-2:]
-    if not size or max(height, width) <= size:
-        return x
-    scale = size / max(height, width)
-    shape = (max(round(height * scale), 1), max(round(width * scale), 1))
-    return F.interpolate(x, size=shape, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
-
-
-def to_8bit(x: torch.Tensor) -> torch.Tensor:
-    """Rounded to 8-bit levels, as a saved file."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-
-
-#: What happens to a photo when it is posted, in order of harshness; each result is an 8-bit image.
-SHARING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "as posted": to_8bit,
-    "JPEG 75": PillowJPEG(75),
-    f"{SOCIAL_LONG_SIDE} px + JPEG 85": lambda x: PillowJPEG(85)(to_8bit(fit_long_side(x, SOCIAL_LONG_SIDE))),
-}
 
 
 @dataclass
@@ -99,7 +64,8 @@ def split_models(spec: str) -> list[str]:
 
 
 def default_judge() -> str:
-    """MobileFaceNet where FACELOCK_ASSETS holds it (offline), else facenet (downloaded by facenet-pytorch)."""
+    """MobileFaceNet, where a local copy has it (it ships with the toolkit), else facenet (downloaded by
+    facenet-pytorch)."""
     return "mobilefacenet" if local_copy("mobilefacenet") else "facenet"
 
 
@@ -114,8 +80,8 @@ def threshold_for(name: str, identity, far: float, table: dict, table_path: Path
         fields = ("model", "far", "threshold", "genuine_pairs", "impostor_pairs", "false_rejects")
         return Calibration(**{k: entry[k] for k in fields}), \
             f"{table_path.name}: calibrated on {entry['photos']} ({entry['command']})"
-    assets_faces = Path(os.environ.get(ASSETS_ENV, "")) / "faces"
-    if os.environ.get(ASSETS_ENV) and assets_faces.is_dir():
+    assets_faces = loading.assets_faces()
+    if assets_faces is not None:
         return calibrate(identity, labelled_photos(assets_faces), far, device), \
             f"calibrated now on ${ASSETS_ENV}/faces"
     return None, (f"no threshold for {name} at a false-accept rate of {far:g}: make one with `python -m "
@@ -257,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--original", required=True, help="the photo as taken")
     parser.add_argument("--protected", help="its protected copy (without it: the photo alone, as the control)")
     parser.add_argument("--judge", help="face model(s) judging, comma-separated, none of them attacked by the "
-                                        "protection (default: mobilefacenet where FACELOCK_ASSETS has it, else "
-                                        "facenet)")
+                                        "protection (default: mobilefacenet, which ships with the toolkit)")
     parser.add_argument("--protection_fr_model", default=PROTECTION_FR_MODEL,
                         help="the face model(s) the protection attacked (defend.py --fr_model); refused as judges")
     parser.add_argument("--vae", default=EDITOR_VAE, help="the editor's autoencoder (hub id or folder)")

@@ -15,110 +15,15 @@ Identities come from a `labels.csv` (`path,identity`) in the gallery, or else fr
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 from pathlib import Path
 from typing import Sequence
 
-import torch
+from utils import UserError, atomic_write, pick_device, run_script, write_csv
 
-from utils import (
-    UserError,
-    atomic_write,
-    batches_by_size,
-    image_size,
-    load_face_identity,
-    load_image,
-    pick_device,
-    pil_to_tensor,
-    run_script,
-    write_csv,
-)
-
-from methods.facecloak import members
-
-from .calibration import default_faces, labelled_photos, threshold_at_far
-from .metrics.psr import KINDS, Gallery, Probes, embed_largest, photo_key
-from .runner import nanmean
-from .walker import images_by_name, photos_under
-
-
-def by_name(face) -> tuple[dict, object]:
-    """The face models of `face` (a `FaceIdentity` or a `FaceEnsemble`) by name, each on its own, and their shared
-    detector."""
-    return {member.name: member for member in members(face)}, face.detector
-
-
-def face_models(spec: str, device: torch.device) -> tuple[dict, object]:
-    """The face models named in `spec` (comma-separated, loaded as one `FaceEnsemble`) by name, and their detector."""
-    return by_name(load_face_identity(spec, device))
-
-
-def load_gallery(folder: Path, models: dict, detector, far: float = 0.01, distractors: Path | None = None,
-                 calibration: Path | None = None, batch_size: int = 8) -> tuple[Gallery, dict[str, Path]]:
-    """Embed the labelled photos of `folder` (and `distractors`, each its own person) with every model, and set each
-    model's threshold at `far` on `calibration` (default: the labelled gallery's own pairs). Returns the gallery and
-    its photos by key."""
-    labelled = labelled_photos(folder)
-    paths = {photo_key(path, folder): path for path, _ in labelled}
-    identities = [identity for _, identity in labelled]
-    if distractors is not None:
-        for path in photos_under(distractors):
-            key = "distractor__" + photo_key(path, distractors)
-            paths[key] = path
-            identities.append(key)
-    keys = list(paths)
-    embedded = embed_paths([paths[k] for k in keys], models, detector, batch_size)
-    if calibration is None:
-        labelled_keys = set(keys[:len(labelled)])
-        thresholds = {}
-        for model, table in embedded.items():
-            impostor = [float(table[a] @ table[b]) for a, b in itertools.combinations(range(len(keys)), 2)
-                        if keys[a] in labelled_keys and keys[b] in labelled_keys
-                        and identities[a] != identities[b] and not table[[a, b]].isnan().any()]
-            thresholds[model] = threshold_at_far(impostor, far)
-    else:
-        from .calibration import calibrate
-
-        photos = labelled_photos(calibration)
-        thresholds = {name: calibrate(model, photos, far).threshold for name, model in models.items()}
-    return Gallery(keys, identities, embedded, thresholds), paths
-
-
-def embed_paths(paths: Sequence[Path], models: dict, detector, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Per model, the embeddings of the largest face of each photo (NaN rows where there is none)."""
-    device = next(next(iter(models.values())).parameters()).device
-    tables: dict[str, torch.Tensor] = {}
-    order = list(range(len(paths)))
-    for batch in batches_by_size(order, lambda i: image_size(paths[i]), batch_size):
-        images = torch.cat([pil_to_tensor(load_image(paths[i])) for i in batch]).to(device)
-        for model, table in embed_largest(models, detector, images).items():
-            if model not in tables:
-                tables[model] = torch.full((len(paths), table.shape[1]), float("nan"))
-            tables[model][batch] = table
-    return tables
-
-
-def score_probes(probes: Probes, paths: dict[str, Path], batch_size: int = 8) -> list[dict]:
-    """One row per probe (by name) and model with its PSR outcomes."""
-    rows = []
-    names = sorted(paths)
-    for batch in batches_by_size(names, lambda n: image_size(paths[n]), batch_size):
-        images = torch.cat([pil_to_tensor(load_image(paths[n])) for n in batch])
-        for model, outcomes in probes.outcomes(images, batch).items():
-            for k, name in enumerate(batch):
-                rows.append({"probe": name, "model": model, **{kind: float(outcomes[kind][k]) for kind in KINDS}})
-    return rows
-
-
-def summarise(rows: list[dict], label: str, models: Sequence[str]) -> list[dict]:
-    out = []
-    for model in models:
-        mine = [r for r in rows if r["model"] == model]
-        scored = [r for r in mine if not math.isnan(r["top1"])]
-        out.append({"probes": label, "model": model, **{kind: nanmean([r[kind] for r in mine]) for kind in KINDS},
-                    "scored": len(scored), "unscored": len(mine) - len(scored)})
-    return out
+from .calibration import default_faces
+from .metrics.psr import Gallery, Probes, face_models, load_gallery, score_probes, summarise
+from .walker import images_by_name
 
 
 def markdown(summary: list[dict], gallery: Gallery, far: float) -> str:

@@ -31,7 +31,7 @@ from utils import (
     write_json,
 )
 
-from .metrics.base import CleanMetric, Metric, SourceMetric
+from .metrics.base import CleanMetric, Metric, SourceMetric, nanmean
 from .metrics.clip_score import ClipEmbedder, ClipI, ClipS
 from .metrics.facial import FaceSimilarity, HeldOutFaceSimilarity
 from .metrics.perceptual import LPIPS
@@ -71,12 +71,6 @@ class Results:
         return {"method": label, "mean": nanmean(list(means.values())),
                 "std": float(np.std(scored)) if len(scored) else float("nan"), "scored": int(len(scored)),
                 "unscored": int(np.isnan(values).sum()), "missing": len(self.missing[label]), **means}
-
-
-def nanmean(values: Sequence[float]) -> float:
-    """The mean of the values that are not NaN (NaN if none is)."""
-    scored = [v for v in values if not math.isnan(v)]
-    return float(np.mean(scored)) if scored else float("nan")
 
 
 def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequence[str], src_dir: Path | None = None,
@@ -267,7 +261,7 @@ def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentPars
 
 def build_metrics(keys: Sequence[str], args: argparse.Namespace, device: torch.device) -> list[Metric]:
     """Load each model once, shared by the metrics that use it."""
-    from utils import load_face_identity, load_perceptual
+    from methods.models.loading import load_face_identity, load_perceptual
 
     metrics: list[Metric] = []
     embedder = identity = None
@@ -297,8 +291,7 @@ def gallery_psr_metrics(identity, args: argparse.Namespace) -> list[Metric]:
     """FaceCloak's identification PSR of the edits (top-1, top-5 and verification) by each face model of
     `--fr_model` against `--psr_gallery`, at `--fr_threshold`, or at `--far` on `--calibration_faces` (default: the
     gallery's own pairs, as `fr_threshold`)."""
-    from .eval_psr import by_name, load_gallery
-    from .metrics.psr import KINDS, GalleryPSR, Probes
+    from .metrics.psr import KINDS, GalleryPSR, Probes, by_name, load_gallery
 
     models, detector = by_name(identity)
     distractors = Path(args.psr_distractors) if args.psr_distractors else None
@@ -330,7 +323,7 @@ def fr_threshold(identity, args: argparse.Namespace, device: torch.device) -> fl
 def load_clip(name: str, device: torch.device):
     from transformers import CLIPModel, CLIPProcessor
 
-    from utils import load_pretrained
+    from methods.models.loading import load_pretrained
 
     model = load_pretrained(CLIPModel.from_pretrained, name, f"the CLIP model {name}")
     processor = load_pretrained(CLIPProcessor.from_pretrained, name, f"the CLIP processor of {name}",

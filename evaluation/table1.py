@@ -31,26 +31,12 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-import edit
-import main_defend
-import main_edit
 import methods
-from defend import budget_in_255
-from defend import parse_args as parse_defend_args
-from edit import load_editor
-from utils import (
-    EDITOR_ID_HELP,
-    EDITOR_IDS,
-    IMAGE_EXTENSIONS,
-    UserError,
-    list_images,
-    load_face_identity,
-    pick_device,
-    read_prompts,
-    run_script,
-    same_file,
-    write_json,
-)
+from methods.models.loading import EDITOR_ID_HELP, EDITOR_IDS, load_face_identity
+from methods.pipeline.editing import edit_flags, edit_folder, load_editor, prompt_indices, resolve_edit
+from methods.pipeline.options import budget_in_255, flags, resolve
+from methods.pipeline.protect import output_folder, protect_folder
+from utils import IMAGE_EXTENSIONS, UserError, list_images, pick_device, read_prompts, run_script, same_file, write_json
 
 from . import report
 from .metrics.facial import HeldOutFaceSimilarity
@@ -108,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options(**flags) -> list[str]:
-    """`--name value` for every flag that is not None."""
-    return [item for name, value in flags.items() if value is not None for item in (f"--{name}", str(value))]
+def given(**options) -> dict:
+    """The options that are not None."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def select_photos(sources: list[Path], folder: Path, limit: int) -> list[Path]:
@@ -136,12 +122,12 @@ def once(load: Callable) -> Callable:
     """The editor loader main_edit.py calls for each folder, loading the pipeline only the first time."""
     cache: dict = {}
 
-    def loader(args: argparse.Namespace, device, progress: bool = True):
-        key = (args.model, args.model_id, args.vae, args.dtype, str(device), args.attention_slicing,
-               args.cpu_offload)
+    def loader(options, device, progress: bool = True):
+        key = (options.model, options.model_id, options.vae, options.dtype, str(device), options.attention_slicing,
+               options.cpu_offload)
         if key not in cache:
             cache.clear()
-            cache[key] = load(args, device, progress=progress)
+            cache[key] = load(options, device, progress=progress)
         return cache[key]
 
     return loader
@@ -182,32 +168,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"no images in {image_dir}")
     prompts = read_prompts(args.prompts)
 
-    # protection and edits: each process does its share (main_defend and main_edit split and wait for each other)
-    defend_common = ["--image_dir", str(photos), "--seed", str(args.seed), "--target_model", args.model,
-                     "--batch_size", str(args.batch_size), "--device", args.device,
-                     *options(model_id=args.model_id, preset=args.preset, attack_budget=args.attack_budget,
-                              step_size=args.step_size, num_iters=args.num_iters, fr_model=args.attack_fr_model,
-                              dtype=args.dtype, max_size=args.max_size), *shlex.split(args.defend_args)]
-    guidance = options(guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-                       strength=args.strength)
-    edit_common = ["--model", args.model, "--seed", str(args.seed), "--batch_size", str(args.batch_size),
-                   "--device", args.device, *guidance,
-                   *options(model_id=args.model_id, num_inference_steps=args.num_inference_steps,
-                            prompt_indices=args.prompt_indices, prompts=args.prompts, dtype=args.dtype,
-                            max_size=args.max_size), *shlex.split(args.edit_args)]
-    defend_argv = {m: ["--output_dir", str(output / "protected" / m), "--defend_method", m, *defend_common,
-                       *(guidance if m == "diffusion" else [])] for m in names}
-    resolved = {m: parse_defend_args(main_defend.build_parser(), argv) for m, argv in defend_argv.items()}
+    # protection and edits: each process does its share (the folder jobs split and wait for each other)
+    common = given(seed=args.seed, target_model=args.model, model_id=args.model_id, preset=args.preset,
+                   attack_budget=args.attack_budget, step_size=args.step_size, num_iters=args.num_iters,
+                   fr_model=args.attack_fr_model, dtype=args.dtype, max_size=args.max_size, device=args.device)
+    guidance = given(guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
+                     strength=args.strength)
+    resolved = {m: resolve(m, **{**common, **flags(shlex.split(args.defend_args), m),
+                                 **(guidance if m == "diffusion" else {})}) for m in names}
     if "facelock" in names and args.heldout_fr_model in resolved["facelock"].fr_model.split(","):
         raise UserError(f"--heldout_fr_model {args.heldout_fr_model} is the model facelock attacks; choose another")
-    edited = edit.parse_args(main_edit.build_parser(), ["--src_dir", "-", "--edit_dir", "-", *edit_common])
-    try:
-        shown = sorted({int(i) for i in args.prompt_indices.split(",")}) if args.prompt_indices else None
-    except ValueError:
-        raise UserError(f"--prompt_indices takes comma-separated numbers, got {args.prompt_indices!r}") from None
-    shown = list(range(len(prompts))) if shown is None else shown
-    if not 0 <= shown[0] <= shown[-1] < len(prompts):
-        raise UserError(f"--prompt_indices must lie in 0..{len(prompts) - 1}")
+    edited = resolve_edit(**{**given(model=args.model, seed=args.seed, device=args.device, model_id=args.model_id,
+                                     num_inference_steps=args.num_inference_steps, prompts=args.prompts,
+                                     dtype=args.dtype, max_size=args.max_size), **guidance,
+                             **edit_flags(shlex.split(args.edit_args))})
+    shown = prompt_indices(args.prompt_indices, prompts)
 
     state = PartialState(cpu=args.device == "cpu")
     say = print if state.is_main_process else lambda *_: None
@@ -219,14 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     folders = {}
     for m in names:
         say(f"\n== protecting with {m}")
-        status |= main_defend.main(defend_argv[m])
-        folders[m] = main_defend.output_folder(resolved[m])
+        status |= protect_folder(resolved[m], photos, output / "protected" / m, batch_size=args.batch_size, say=say)
+        folders[m] = output_folder(resolved[m], output / "protected" / m)
     loader = once(load_editor)
     edit_dirs = {"clean": (photos, output / "edits" / "clean")}
     edit_dirs.update({m: (folder, output / "edits" / m / folder.name) for m, folder in folders.items()})
     for label, (source, target) in edit_dirs.items():
         say(f"\n== editing {label} ({source})")
-        status |= main_edit.main(["--src_dir", str(source), "--edit_dir", str(target), *edit_common], loader=loader)
+        status |= edit_folder(edited, source, target, indices=args.prompt_indices, batch_size=args.batch_size,
+                              loader=loader, say=say)
     if not state.is_main_process:
         return status
 
@@ -281,11 +257,12 @@ def make_report(args: argparse.Namespace, photos: Path, names: list[str], output
                  "--defend_edit_dirs", *(str(output / "edits" / m) for m in names),
                  "--protected_dirs", *(str(output / "protected" / m) for m in names), "--seed", str(args.seed),
                  "--prompt_indices", grids, "--images", str(args.report_images), "--results",
-                 str(output / "results"), "--output", str(folder), *options(prompts=args.prompts)])
+                 str(output / "results"), "--output", str(folder),
+                 *(["--prompts", args.prompts] if args.prompts else [])])
     write_json({"fingerprint": report_digest}, folder / "report.json")
 
 
-def setting(args: argparse.Namespace, resolved: dict, edited: argparse.Namespace, prompts: Sequence[int],
+def setting(args: argparse.Namespace, resolved: dict, edited, prompts: Sequence[int],
             photos: Path) -> str:
     """The lines above the table: what was protected, edited and scored, and how."""
     protections = {m: f"budget {budget_in_255(a.attack_budget, a.norm)}, {a.num_iters} iterations"

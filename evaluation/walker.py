@@ -12,10 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import IMAGE_EXTENSIONS, UserError, list_images
-
-#: The acceptance set of FACELOCK_ASSETS: no test, benchmark, default or tuning reads it.
-HOLDOUT = "faces-holdout"
+from utils import UserError, list_images
 
 
 @dataclass
@@ -67,14 +64,3 @@ def pair_by_name(edits: dict[str, Path], references: dict[str, Path]) -> Pairing
         missing=sorted(set(references) - set(edits)),
         unmatched=sorted(set(edits) - set(references)),
     )
-
-
-def photos_under(folder: str | Path) -> list[Path]:
-    """Every image anywhere under `folder`, by path; the held-out acceptance set is refused."""
-    folder = Path(folder)
-    if HOLDOUT in folder.resolve().parts:
-        raise UserError(f"{folder} is the held-out set, reserved for acceptance evaluation; no benchmark reads it")
-    photos = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not photos:
-        raise UserError(f"no photos under {folder}")
-    return photos

@@ -11,18 +11,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .progress import ProgressBar, progress_bar
+from .randomness import Generators, per_sample_generators, uniform_noise
 
 logger = logging.getLogger(__name__)
-
-Generators = torch.Generator | Sequence[torch.Generator] | None
-
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
@@ -69,43 +67,6 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[floa
     return x_adv.clamp(*bounds)
 
 
-def per_sample_generators(generator: Generators, n: int) -> list[torch.Generator | None]:
-    """One generator per sample: a list is taken as it is (its length checked), anything else repeated."""
-    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
-    if len(generators) != n:
-        raise ValueError(f"got {len(generators)} generators for a batch of {n}")
-    return generators
-
-
-def uniform_noise(like: torch.Tensor, low: float, high: float, generator: Generators = None) -> torch.Tensor:
-    """Uniform noise shaped like `like`, drawn on each generator's own device and then moved to `like`'s.
-
-    A list of generators gives each sample its own stream, so a batch sees the same noise as single runs
-    (the habit of diffusers' `randn_tensor`).
-    """
-    return _per_sample(torch.rand, like, generator) * (high - low) + low
-
-
-def normal_noise(like: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-    """Standard Gaussian noise shaped like `like`, one stream per sample as `uniform_noise`."""
-    return _per_sample(torch.randn, like, generator)
-
-
-def _per_sample(draw: Callable, like: torch.Tensor, generator: Generators) -> torch.Tensor:
-    generators = per_sample_generators(generator, len(like))
-    if len(set(map(id, generators))) < len(generators):
-        draws = [_draw(draw, like.shape, generators[0], like.dtype)]
-    else:
-        draws = [_draw(draw, (1, *like.shape[1:]), g, like.dtype) for g in generators]
-    return torch.cat(draws).to(like.device)
-
-
-def _draw(draw: Callable, shape: Sequence[int], generator: torch.Generator | None,
-          dtype: torch.dtype) -> torch.Tensor:
-    device = generator.device if generator is not None else torch.device("cpu")
-    return draw(shape, generator=generator, device=device, dtype=dtype)
-
-
 def _rng_states(generators: list[torch.Generator | None]) -> list[torch.Tensor]:
     """The state of each generator (of the global CPU generator for None), for `_set_rng_states`."""
     return [g.get_state() if g is not None else torch.get_rng_state() for g in generators]
@@ -134,6 +95,16 @@ class Attack:
     summary: str = ""
     models: tuple[str, ...] = ()
     bounds: tuple[float, float] = (-1.0, 1.0)
+    #: Defaults this method declares over the project's and the presets' (options given explicitly still win).
+    defaults: dict = {}
+    #: Where the method goes on a photo: "region" (the whole photo or the square around its faces, scaled to the
+    #: work size) or "photo" (the whole photo at its own size, whatever the region; `placement_reason` says why).
+    placement: str = "region"
+    placement_reason: str = ""
+    #: Whether the method learns something once (FaceCloak's identity mask) before it protects photos.
+    learns: bool = False
+    #: What to do about a photo in which the method finds no face.
+    no_face_hint: str = "pass --allow_no_face to protect it with the latent and perceptual terms only"
 
     def __init__(self, eps: float = 0.03, progress: bool = False, norm: str = "linf") -> None:
         if norm not in NORMS:
@@ -160,6 +131,11 @@ class Attack:
             x_adv = self.perturb(clean, generator)
         return self.project(x_adv.detach().float(), clean).to(x.dtype)
 
+    def protect(self, x: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The protected images and, for a method whose budget varies per pixel, that budget (`N x 1 x H x W`, `[-1, 1]`
+        units) for rounding them to 8 bits; None where the budget is `eps` everywhere (most methods)."""
+        return self(x, generator), None
+
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`x_adv` brought into this attack's budget around `x` and into the bounds."""
         return project(x_adv, x, self.eps, self.bounds, self.norm)
@@ -173,7 +149,7 @@ class Attack:
 
     def objective(self, x_adv: torch.Tensor, reference: Any, i: int) -> torch.Tensor:
         """The per-sample value (shape `N`) that the attack increases at iteration `i`: one iteration's work, which
-        `evaluation/benchmark_speed.py` times for every method."""
+        `evaluation/benchmarks/speed.py` times for every method."""
         raise NotImplementedError
 
     def iterations(self, total: int, desc: str) -> ProgressBar:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .autoencoder import as_autoencoder
-from .base import Attack, Generators, project, uniform_noise
+from .base import Attack, project
+from .models.autoencoder import as_autoencoder
+from .randomness import Generators, uniform_noise
 from .registry import register
 
 # Pixels at exactly -1 or 1 have no finite tanh pre-image; they start this close to the bound instead.

@@ -10,8 +10,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .autoencoder import as_autoencoder
-from .base import Generators, PGDAttack, normal_noise, per_sample_generators
+from .base import PGDAttack
+from .models.autoencoder import as_autoencoder
+from .randomness import Generators, normal_noise, per_sample_generators
 from .registry import register
 
 

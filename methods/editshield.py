@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import as_autoencoder
-from .base import Generators, PGDAttack, normal_noise, per_sample_generators
+from .base import PGDAttack
+from .models.autoencoder import as_autoencoder
+from .randomness import Generators, normal_noise, per_sample_generators
 from .registry import register
 
 #: The noise schedule InstructPix2Pix (and Stable Diffusion 1.x) was trained with: its UNet's noisy inputs.

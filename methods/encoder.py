@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import as_autoencoder
 from .base import PGDAttack
+from .models.autoencoder import as_autoencoder
 from .registry import register
 
 

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .base import L2_STEP, Attack, Generators, frozen, uniform_noise
-from .faces import ARCFACE_TEMPLATE, Faces, NoFaceError, arcface_matrix, warp_affine
+from .base import L2_STEP, Attack, frozen
+from .models.faces import ARCFACE_TEMPLATE, Faces, NoFaceError, arcface_matrix, warp_affine
+from .randomness import Generators, uniform_noise
 from .registry import register
 from .transforms import ColorJitter, GaussianBlur, Lighting, PillowJPEG, RandomAffine, _draw
 
@@ -241,7 +242,7 @@ class FaceCloak(Attack):
     face's size).
 
     Models:
-        face: a `methods.faces.FaceIdentity` or `FaceEnsemble` (needed to learn a mask).
+        face: a `methods.models.faces.FaceIdentity` or `FaceEnsemble` (needed to learn a mask).
         detector: finds faces and landmarks when the mask is applied (default: the face model's detector).
         mask: an `IdentityMask` learned earlier (`learn` sets one).
 
@@ -255,6 +256,13 @@ class FaceCloak(Attack):
     name = "facecloak"
     summary = "FaceCloak: one identity mask learned from a person's photos, warped onto any new photo of them"
     models = ("face",)
+    #: The paper's budget 8/255, step 2/255 and 10 passes, in [-1, 1] units, and the mask on the whole photo.
+    defaults = {"attack_budget": BASE_BUDGET, "step_size": STEP, "num_iters": 10, "region": "full"}
+    placement = "photo"
+    placement_reason = ("its mask is warped onto the faces themselves and the rest of the photo is left untouched "
+                        "anyway")
+    learns = True
+    no_face_hint = "facecloak masks faces only; the photo is left as it is"
 
     def __init__(self, face: nn.Module | None = None, detector: Callable[[torch.Tensor], Faces] | None = None,
                  mask: IdentityMask | None = None, eps: float = BASE_BUDGET, step_size: float = STEP,
@@ -325,6 +333,10 @@ class FaceCloak(Attack):
 
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         return self.cloak(x)[0]
+
+    def protect(self, x: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask warped onto every face of `x` and each pixel's budget (see `cloak`); no randomness."""
+        return self.cloak(x)
 
     # ------------------------------------------------------------------------------------ learning
 

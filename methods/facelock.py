@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import as_autoencoder
 from .base import PGDAttack
-from .faces import NoFaceError
+from .models.autoencoder import as_autoencoder
+from .models.faces import NoFaceError
 from .registry import register
 
 
@@ -49,9 +49,9 @@ class FaceLock(PGDAttack):
         autoencoder: any diffusers autoencoder (`AutoencoderKL`, `AutoencoderTiny`).
         face: has `reference(x)` (clean faces, computed once; `.found` marks images with a face) and is called
             as `face(y, reference)` giving one similarity per image, differentiable in `y`
-            (e.g. `methods.faces.FaceIdentity`).
+            (e.g. `methods.models.faces.FaceIdentity`).
         perceptual: has `reference(x)` and is called as `perceptual(y, reference)` giving one distance per image
-            (e.g. `methods.perceptual.LPIPSDistance`), or None to drop the term.
+            (e.g. `methods.models.perceptual.LPIPSDistance`), or None to drop the term.
 
     An image in which no face is found raises `NoFaceError`, unless `allow_no_face`: then that image is
     protected with the latent and perceptual terms only. With `target_fr`, an image stops as soon as the FR

@@ -15,15 +15,15 @@ Threat model: face recognition of the edited photo. Dodging (default): `L_id` is
 similarity between the decode's face and the source photo's face, pushed down. Impersonation (`target` given):
 `L_id = 1 - cos` to the target photo's face, pulled up. Faces are found by the project's detector (on the clean
 edit, or on the source where the edit has none) and aligned by the differentiable 5-point warp of
-`methods.faces`, with any face model or a `FaceEnsemble`. The protected decode is kept within `eps` of the clean
+`methods.models.faces`, with any face model or a `FaceEnsemble`. The protected decode is kept within `eps` of the clean
 edit (`[-1, 1]` units; L-infinity, or with `norm="l2"` the L2 length of each image's whole change): the identity
 loss sees the decode brought into that budget, and the output is projected onto it after decoding (the caller
-rounds it to 8 bits without leaving it, `utils.quantize_within`).
+rounds it to 8 bits without leaving it, `methods.pipeline.placement.quantize_within`).
 
 Beyond the paper, `refine` PGD steps on the pixels follow the latent optimisation (`IdentityRefinement`, on the
 project's attack engine with momentum and input diversity): on the decoded edit, within the same budget. A latent
 change must pass through the decoder and is then clipped to the budget, which wastes most of it; steps on the
-pixels use the whole budget (measured in the README: held-out similarity lower at the same budget).
+pixels use the whole budget (measured in evaluation/results/guard.md: held-out similarity lower at the same budget).
 
 Range: images `N x 3 x H x W` in `[-1, 1]`; latents in the editor's own (scaled) latent space. Defaults: 5 steps x
 10 Adam iterations at lr 0.02, perceptual weight 0.5 (as the paper), eps 0.03 (as the project's defenses), no
@@ -47,12 +47,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .autoencoder import as_autoencoder
-from .base import L2_STEP, NORMS, Generators, PGDAttack, budget_limit, frozen, project
-from .faces import EnsembleReference, FaceReference, Faces, NoFaceError
+from .base import L2_STEP, NORMS, PGDAttack, budget_limit, frozen, project
+from .models.autoencoder import as_autoencoder
+from .models.faces import EnsembleReference, FaceReference, Faces, NoFaceError
+from .randomness import Generators
 
-
-#: The pixel stage's transfer levers (`PGDAttack` options), chosen by `evaluation.benchmark_guard` (README).
+#: The pixel stage's transfer levers (`PGDAttack` options), chosen by `evaluation.benchmarks.guard`
+#: (evaluation/results/guard.md).
 REFINEMENT = dict(momentum=1.0, input_diversity=0.7)
 
 
@@ -129,10 +130,10 @@ class IdentityGuard:
     """The latent optimisation of Flux-Guard, independent of any pipeline (see `guarded_edit` for diffusers).
 
     Models:
-        face: a `methods.faces.FaceIdentity` or `FaceEnsemble` (anything with `detector`, `reference(x, faces)`
+        face: a `methods.models.faces.FaceIdentity` or `FaceEnsemble` (anything with `detector`, `reference(x, faces)`
             and `face(y, reference)` giving one similarity per image, differentiable in `y`).
         perceptual: has `reference(x)` and `perceptual(y, reference)` giving one distance per image (e.g.
-            `methods.perceptual.VGGFeatureDistance`, the paper's, or `LPIPSDistance`), or None: then `L_p = 0`
+            `methods.models.perceptual.VGGFeatureDistance`, the paper's, or `LPIPSDistance`), or None: then `L_p = 0`
             and the budget alone keeps the protected edit close to the clean one.
     """
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, Generators, uniform_noise
+from .base import Attack
+from .randomness import Generators, uniform_noise
 from .registry import register
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import Generators, per_sample_generators
+from .randomness import Generators, per_sample_generators
 
 Range = float | tuple[float, float]
 
@@ -276,7 +276,7 @@ class RandomAffine(Transform):
         return np.hstack([linear, (centre - linear @ centre + shift)[:, None]])
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        from .faces import warp_affine
+        from .models.faces import warp_affine
 
         height, width = x.shape[-2:]
         matrix = torch.from_numpy(self.matrix(generator, height, width))[None]

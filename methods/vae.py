@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .autoencoder import as_autoencoder
 from .base import PGDAttack
+from .models.autoencoder import as_autoencoder
 from .registry import register
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from methods.faces import FaceEmbedder, FaceIdentity, Faces  # noqa: E402
-from methods.perceptual import LPIPSDistance  # noqa: E402
+from methods.models.faces import FaceEmbedder, FaceIdentity, Faces  # noqa: E402
+from methods.models.perceptual import LPIPSDistance  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -154,8 +154,13 @@ def tiny_clip(folder: Path | None = None):
 
 def tiny_pipeline(pix2pix: bool = True):
     """A tiny InstructPix2Pix (UNet with 8 input channels, Euler ancestral as edit.py uses) or img2img pipeline."""
-    from diffusers import (EulerAncestralDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
-                           StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
+    from diffusers import (
+        EulerAncestralDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInstructPix2PixPipeline,
+        UNet2DConditionModel,
+    )
 
     torch.manual_seed(4)
     unet = UNet2DConditionModel(

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import defend
+import methods.models.loading
 from conftest import centre_faces, random_images, tiny_autoencoder_kl, tiny_face_identity, write_photo
-import methods.arc2face
-from methods.arc2face import PROMPT, Arc2Face
 from methods.facecloak import FaceCloak
+from methods.models.arc2face import PROMPT, Arc2Face
+from methods.pipeline import options as protection_options
+from methods.pipeline import protect
 
 
 def tiny_text():
@@ -83,15 +85,15 @@ def test_generated_photos_are_seeded_in_range_and_feed_the_mask_learning(monkeyp
     assert torch.equal(first, arc2face.generate(photo, 2, torch.Generator().manual_seed(0)))
     assert not torch.equal(first[0], first[1])
 
-    monkeypatch.setattr(methods.arc2face, "load_arc2face", lambda detector, device, dtype: arc2face)
+    monkeypatch.setattr(methods.models.loading, "load_arc2face", lambda detector, device, dtype: arc2face)
     gallery = tmp_path / "gallery"
     gallery.mkdir()
     for seed, name in enumerate(("x.png", "y.png", "z.png")):
         write_photo(gallery / name, size=(80, 80), seed=seed)
     me = write_photo(tmp_path / "me.png", size=(96, 96), seed=7)
-    args = defend.parse_args(defend.build_parser(), ["--input_path", str(me), "--defend_method", "facecloak",
+    args = protection_options.parse(defend.build_parser(), ["--input_path", str(me), "--defend_method", "facecloak",
                                                      "--gallery", str(gallery), "--arc2face", "2", "--num_iters", "1",
                                                      "--variations", "0"])
     attack = FaceCloak(tiny_face_identity(), detector=centre_faces, num_iters=1, variations=0)
-    provenance = defend.learn_mask(args, attack, [me], tmp_path / "mask.safetensors")
+    provenance = protect.learn_mask(args.options, attack, [me], tmp_path / "mask.safetensors")
     assert provenance["synthetic"] == 2 and provenance["photos"] == 3 and provenance["learned_from"] == [str(me)]

@@ -17,11 +17,14 @@ import defend
 import main_defend
 import methods
 from conftest import AUTOENCODERS, ROOT, random_images, tiny_pipeline, write_photo
-from methods.base import PGDAttack, frozen, project, uniform_noise
+from methods.base import PGDAttack, frozen, project
 from methods.diffusion import gradient_checkpointing
+from methods.pipeline import options as protection_options
+from methods.pipeline.placement import quantize_within
+from methods.randomness import uniform_noise
 from methods.transforms import Rotate, eot_transform
 from test_methods import build, seeded
-from utils import UserError, load_image, quantize_within, tensor_to_uint8
+from utils import UserError, load_image, tensor_to_uint8
 
 FAST = ["--num_iters", "2"]
 
@@ -225,7 +228,7 @@ def test_each_step_averages_grad_reps_generations_of_every_eot_sample():
 # ------------------------------------------------------------------------------------------------ scripts
 
 def parse(*argv: str):
-    return defend.parse_args(defend.build_parser(), ["--input_path", "a.png", *argv])
+    return protection_options.parse(defend.build_parser(), ["--input_path", "a.png", *argv])
 
 
 def test_defaults_of_the_new_methods_and_of_the_l2_budget():

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, write_photo
-from evaluation.batch import BatchRun, process_device
+from methods.pipeline.runs import BatchRun, process_device
 from utils import UserError, load_image
 
 
@@ -142,7 +142,7 @@ def test_main_edit_killed_mid_batch_finishes_on_rerun_with_every_edit_valid(tmp_
 
 
 def test_prefetching_keeps_order_and_hands_errors_over():
-    from evaluation.batch import prefetched
+    from methods.pipeline.runs import prefetched
 
     assert list(prefetched(iter(range(7)), depth=2)) == list(range(7))
 

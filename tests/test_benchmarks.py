@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import export_tiny_onnx_face_model, write_photo
-from evaluation import benchmark_protection, benchmark_speed
-from methods.faces import FaceDetector
+from evaluation.benchmarks import crops
+from evaluation.benchmarks import protection as benchmark_protection
+from evaluation.benchmarks import speed as benchmark_speed
+from methods.models.faces import FaceDetector
 from utils import UserError, load_image
 
 METHODS = "none,noise,encoder,facelock-eot,editshield"
@@ -70,7 +72,7 @@ def test_protection_benchmark_refuses_the_held_out_faces(tmp_path):
 def test_face_crops_centre_the_face(assets):
     image = load_image(assets / "faces" / "obama" / "obama.jpg")
     detector = FaceDetector()
-    crop = benchmark_protection.face_crop(image, 128, detector)
+    crop = crops.face_crop(image, 128, detector)
     box = detector(torch.from_numpy(np.asarray(crop)).permute(2, 0, 1)[None].float() / 127.5 - 1).boxes[0]
     centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
     assert crop.size == (128, 128)
@@ -79,9 +81,8 @@ def test_face_crops_centre_the_face(assets):
 
 
 def test_speed_benchmark_schedule_weights_facelocks_phases():
-    from conftest import AUTOENCODERS, tiny_face_identity, tiny_lpips
-
     import methods
+    from conftest import AUTOENCODERS, tiny_face_identity, tiny_lpips
 
     models = dict(autoencoder=AUTOENCODERS["tiny"](), face=tiny_face_identity())
     assert benchmark_speed.schedule(methods.create("facelock", **models, perceptual=tiny_lpips())) == {
@@ -104,7 +105,7 @@ def test_reference_loop_recomputes_the_clean_references_at_every_iteration():
 
 
 def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, capsys):
-    from evaluation import benchmark_transfer
+    from evaluation.benchmarks import transfer as benchmark_transfer
 
     assert benchmark_transfer.alone(["sface", "mobileface"], "single-di") == ["sface"]  # single-...: the first alone
     assert benchmark_transfer.alone(["sface", "mobileface"], "mi-di") == ["sface", "mobileface"]
@@ -140,7 +141,7 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
 
 
 def test_time_to_protection_finds_the_first_iterate_at_the_official_protection():
-    from evaluation.time_to_protection import Curve, summary
+    from evaluation.benchmarks.time_to_protection import Curve, summary
 
     official = Curve([5, 10], [1.0, 2.0], [0.5, 0.2], [0.6, 0.3])
     faster = Curve([5, 10], [0.9, 1.8], [0.2, 0.1], [0.3, 0.2])
@@ -153,10 +154,9 @@ def test_time_to_protection_finds_the_first_iterate_at_the_official_protection()
 
 
 def test_time_to_protection_curves_of_a_tiny_facelock():
-    from conftest import AUTOENCODERS, random_images, tiny_face_identity
-
     import methods
-    from evaluation.time_to_protection import VARIANTS, run, table_of_curves
+    from conftest import AUTOENCODERS, random_images, tiny_face_identity
+    from evaluation.benchmarks.time_to_protection import VARIANTS, run, table_of_curves
 
     taesd, face = AUTOENCODERS["tiny"](), tiny_face_identity()
     build = lambda **options: methods.create("facelock", autoencoder=taesd, face=face, num_iters=10,  # noqa: E731

@@ -14,7 +14,8 @@ from evaluation.calibration import (
     threshold_at_far,
     write_thresholds,
 )
-from utils import UserError, load_face_identity
+from methods.models.loading import load_face_identity
+from utils import UserError
 
 
 def test_threshold_accepts_at_most_the_allowed_fraction_of_impostors():

@@ -13,10 +13,10 @@ from PIL import Image
 import defend
 from conftest import ROOT, export_tiny_onnx_face_model, tiny_face_identity
 from evaluation import check
-from evaluation.benchmark_protection import face_crop
+from evaluation.benchmarks.crops import face_crop
 from evaluation.calibration import Calibration, model_digest, write_thresholds
 from evaluation.metrics.facial import FaceSimilarity
-from methods.faces import FaceDetector, Faces
+from methods.models.faces import FaceDetector, Faces
 from utils import InputError, UserError, load_image, save_png
 
 

@@ -19,6 +19,8 @@ import defend
 import main_defend
 import methods
 from conftest import ROOT, export_tiny_onnx_face_model, write_photo
+from methods.pipeline import options as protection_options
+from methods.pipeline import protect
 from utils import ModelUnavailable, UserError, load_image
 
 FAST = ["--num_iters", "3"]
@@ -34,18 +36,18 @@ def run(script: str, *args: str, env: dict | None = None) -> subprocess.Complete
 
 
 def test_defaults_equal_the_official_ones():
-    args = defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "encoder"])
+    args = protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "encoder"])
     official = dict(attack_budget=0.03, step_size=0.01, num_iters=100, c=0.03, lr=0.03,
                     target_model="instruct-pix2pix", model_id="timbrooks/instruct-pix2pix", output_path=None)
     assert {k: getattr(args, k) for k in official} == official
-    batch = defend.parse_args(main_defend.build_parser(),
+    batch = protection_options.parse(main_defend.build_parser(),
                               ["--image_dir", "a", "--output_dir", "b", "--defend_method", "cw"])
     assert {k: getattr(batch, k) for k in ("attack_budget", "step_size", "num_iters", "c", "lr")} == \
         {k: official[k] for k in ("attack_budget", "step_size", "num_iters", "c", "lr")}
 
 
 def test_targeted_flags_and_presets():
-    parse = lambda *extra: defend.parse_args(  # noqa: E731
+    parse = lambda *extra: protection_options.parse(  # noqa: E731
         defend.build_parser(), ["--input_path", "a.png", "--defend_method", "encoder", *extra])
     assert parse().targeted is None  # each method's own default: encoder targeted, cw untargeted
     assert parse("--untargeted").targeted is False and parse("--targeted").targeted is True
@@ -61,13 +63,13 @@ def test_targeted_flags_and_presets():
 
 
 def test_small_preset_gives_facelock_input_diversity():
-    parse = lambda *extra: defend.parse_args(  # noqa: E731
+    parse = lambda *extra: protection_options.parse(  # noqa: E731
         defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", *extra])
     assert parse("--preset", "small").input_diversity == 0.5
     assert parse("--preset", "small", "--input_diversity", "0").input_diversity == 0.0  # an explicit flag wins
     assert parse().input_diversity == parse("--preset", "paper").input_diversity == 0.0
     for method in ("cw", "noise", "facecloak"):  # no error for a method without the lever, no change to FaceCloak
-        assert defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", method,
+        assert protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", method,
                                                          "--preset", "small"]).input_diversity == 0.0
 
 
@@ -163,7 +165,7 @@ def test_lpips_without_vgg_weights_names_the_file_and_offers_none(tmp_path, tiny
     def offline(*args, **kwargs):
         raise URLError("network unreachable")
 
-    monkeypatch.setattr("methods.downloads._download", offline)
+    monkeypatch.setattr("methods.models.downloads._download", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     source = write_photo(tmp_path / "in.png")
     face = export_tiny_onnx_face_model(tmp_path / "face")
@@ -333,12 +335,12 @@ def test_an_ensemble_of_face_models_and_the_transfer_levers_from_the_command_lin
 
 def test_backend_switches_follow_the_flags(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    parse = lambda *extra: defend.parse_args(  # noqa: E731
+    parse = lambda *extra: protection_options.parse(  # noqa: E731
         defend.build_parser(), ["--input_path", "a.png", "--defend_method", "encoder", *extra])
     try:
-        defend.configure_backends(parse("--cudnn_benchmark"))
+        protect.configure_backends(parse("--cudnn_benchmark").options)
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
-        defend.configure_backends(parse("--cudnn_benchmark", "--deterministic"))
+        protect.configure_backends(parse("--cudnn_benchmark", "--deterministic").options)
         assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:

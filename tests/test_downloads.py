@@ -8,9 +8,11 @@ import logging
 import pytest
 import torch
 
-import methods.downloads as downloads
-from methods.downloads import HUB_REVISIONS, ChecksumMismatch, PinnedFile, fetch, split_revision
-from utils import ModelUnavailable, load_face_identity, load_pretrained
+import methods.models.downloads as downloads
+import methods.models.loading as loading
+from methods.models.downloads import ChecksumMismatch, PinnedFile, fetch
+from methods.models.loading import HUB_REVISIONS, load_face_identity, load_pretrained, split_revision
+from utils import ModelUnavailable
 
 GOOD = b"the pinned model bytes"
 PINNED = PinnedFile("https://example.org/models/model.bin", hashlib.sha256(GOOD).hexdigest())
@@ -47,8 +49,9 @@ def test_a_corrupted_cached_copy_is_replaced(tmp_path, caplog):
 
 
 def test_sface_from_the_zoo_is_pinned_to_a_commit_and_checked(tmp_path, monkeypatch):
-    assert "/raw/main/" not in downloads.SFACE.url and len(downloads.SFACE.sha256) == 64
+    assert "/raw/main/" not in loading.SFACE.url and len(loading.SFACE.sha256) == 64
     monkeypatch.delenv("FACELOCK_ASSETS", raising=False)
+    monkeypatch.setattr(loading, "BUNDLED", tmp_path / "no bundle")  # only the download can give it
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(downloads, "_download", writer(b"<html>rate limited</html>", []))
     with pytest.raises(ModelUnavailable, match="SHA-256"):
@@ -79,4 +82,4 @@ def test_a_file_published_with_a_hash_prefix_is_checked_against_it(tmp_path):
     assert fetch(prefixed, tmp_path / "a.bin", writer(GOOD, [])).read_bytes() == GOOD
     with pytest.raises(ChecksumMismatch):
         fetch(prefixed, tmp_path / "b.bin", writer(b"other bytes", []))
-    assert downloads.VGG19.sha256 == "dcbb9e9d" and downloads.VGG19.filename == "vgg19-dcbb9e9d.pth"
+    assert loading.VGG19.sha256 == "dcbb9e9d" and loading.VGG19.filename == "vgg19-dcbb9e9d.pth"

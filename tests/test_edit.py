@@ -14,6 +14,7 @@ from PIL import Image
 import edit
 import main_edit
 from conftest import ROOT, write_photo
+from methods.pipeline.editing import parse_edit
 from utils import PAPER_PROMPTS, UserError
 
 FAST = ["--num_inference_steps", "3"]
@@ -24,11 +25,11 @@ def pixels(path: Path) -> np.ndarray:
 
 
 def test_defaults_equal_the_official_ones():
-    args = edit.parse_args(edit.build_parser(), ["--input_path", "a.png", "--prompt", "x", "--seed", "0"])
+    args = parse_edit(edit.build_parser(), ["--input_path", "a.png", "--prompt", "x", "--seed", "0"])
     assert (args.model, args.model_id, args.guidance_scale, args.image_guidance_scale, args.strength,
             args.num_inference_steps, args.output_path) == (
         "instruct-pix2pix", "timbrooks/instruct-pix2pix", 7.5, 1.5, 0.5, 50, None)
-    sd = edit.parse_args(edit.build_parser(), ["--input_path", "a.png", "--prompt", "x", "--model", "stable-diffusion"])
+    sd = parse_edit(edit.build_parser(), ["--input_path", "a.png", "--prompt", "x", "--model", "stable-diffusion"])
     assert sd.model_id == "stable-diffusion-v1-5/stable-diffusion-v1-5" and sd.seed >= 0  # -1 picked a seed
 
 

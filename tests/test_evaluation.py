@@ -211,7 +211,7 @@ def test_an_unreadable_edit_is_reported_and_the_rest_scored(tmp_path):
 
 
 def test_fr_scores_the_same_person_above_another_and_counts_faceless_edits(assets, tmp_path):
-    from utils import load_face_identity
+    from methods.models.loading import load_face_identity
 
     sources = tmp_path / "src"
     same, other = (tmp_path / kind / "seed0" / "prompt0" for kind in ("same", "other"))

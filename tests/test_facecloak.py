@@ -25,9 +25,8 @@ from conftest import (
     tiny_face_identity,
     write_photo,
 )
-from defend import protect_images
 from methods.facecloak import FaceCloak, IdentityMask, sticker_regions, template, warp_onto
-from methods.faces import (
+from methods.models.faces import (
     FaceDetector,
     FaceEmbedder,
     FaceEnsemble,
@@ -37,7 +36,9 @@ from methods.faces import (
     arcface_matrix,
     crop_faces,
 )
-from methods.placement import budget_levels, place
+from methods.pipeline import options as protection_options
+from methods.pipeline import protect
+from methods.pipeline.placement import budget_levels, place
 from utils import UserError, load_image, tensor_to_uint8
 
 FAST = dict(num_iters=3, variations=2)
@@ -151,7 +152,7 @@ def test_the_mask_stays_in_its_per_pixel_budgets_after_warping_and_rounding():
     cloak.detector = landmarks_detector(rotation(template(112)))
     photo = random_images(1, 300, seed=9)
     image = Image.fromarray(tensor_to_uint8(photo))
-    (protected, stats), = protect_images(cloak, [image], [0], torch.device("cpu"), [place(image.size)])
+    (protected, stats), = protect.protect_images(cloak, [image], [0], torch.device("cpu"), [place(image.size)])
     change = np.abs(protected.astype(int) - np.asarray(image).astype(int))
     _, budget = cloak.cloak(photo)
     allowed = budget_levels(budget[0].permute(1, 2, 0).numpy())
@@ -285,7 +286,7 @@ def test_main_defend_learns_the_folder_s_mask_beside_the_outputs_and_reuses_it(t
     argv = [*common, "--output_dir", str(tmp_path / "out"), "--gallery", str(gallery)]
     assert main_defend.main(argv) == 0
     folder = tmp_path / "out" / "budget_0.0628"
-    saved = folder / main_defend.MASK_FILE
+    saved = folder / protect.MASK_FILE
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(manifest["mask"]["learned_from"]) == [str(mine / "one.png"), str(mine / "two.png")]
     assert manifest["mask"]["path"] == str(saved) and manifest["mask"]["photos"] == 2
@@ -297,7 +298,7 @@ def test_main_defend_learns_the_folder_s_mask_beside_the_outputs_and_reuses_it(t
 
 
 def test_facecloak_defaults_are_the_paper_s_and_its_options_are_checked(tmp_path):
-    parse = lambda *extra: defend.parse_args(  # noqa: E731
+    parse = lambda *extra: protection_options.parse(  # noqa: E731
         defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facecloak", *extra])
     args = parse()
     assert (args.attack_budget, args.step_size, args.num_iters, args.sticker_budget) == (0.0628, 0.0157, 10, 0.251)
@@ -314,20 +315,20 @@ def test_facecloak_defaults_are_the_paper_s_and_its_options_are_checked(tmp_path
     assert (args.mask_l2, args.attack_budget, args.near) == (16.0, 0.25, "self")
     for facecloak_only in (["--near", "self"], ["--mask_l2", "4"]):
         with pytest.raises(SystemExit):
-            defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock",
+            protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock",
                                                       *facecloak_only])
     with pytest.raises(SystemExit):
-        defend.parse_args(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", "--mask",
+        protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", "--mask",
                                                   "m.safetensors"])
     (tmp_path / "m.safetensors").write_text("not a mask")
     with pytest.raises(UserError, match="not an identity mask"):
-        defend.load_mask(tmp_path / "m.safetensors")
+        protect.load_mask(tmp_path / "m.safetensors")
 
 
 def test_the_facecloak_benchmark_bookkeeping(tmp_path, tiny_vae_dir, detector, capsys):
     import csv
 
-    from evaluation import benchmark_facecloak
+    from evaluation.benchmarks import facecloak as benchmark_facecloak
 
     faces = tmp_path / "faces"
     for person, seeds in (("ann", (1, 2)), ("bob", (3, 4)), ("cid", (5,))):
@@ -352,7 +353,7 @@ def test_the_facecloak_benchmark_bookkeeping(tmp_path, tiny_vae_dir, detector, c
     linf = {m: float(rows[m]["linf_255"]) for m in rows}  # the mask and FaceLock at 4/255 each in the last
     assert (linf["none"], linf["noise"], linf["facecloak"], linf["facecloak+facelock"]) == (0, 8, 8, 8)
     assert 0 < linf["facecloak-l2-self"] <= 31  # each pixel capped at 0.25 (31 whole levels)
-    l2_mask = IdentityMask.load(out / "masks" / "facecloak-l2-self" / "ann" / "budget_0.25" / main_defend.MASK_FILE)
+    l2_mask = IdentityMask.load(out / "masks" / "facecloak-l2-self" / "ann" / "budget_0.25" / protect.MASK_FILE)
     assert (l2_mask.info["near"], l2_mask.info["mask_l2"]) == ("self", 16.0)
     assert float(l2_mask.delta.norm()) <= 16 + 1e-4
     facelock = json.loads((out / "protected" / "facecloak+facelock" / "ann+facelock" / "budget_0.0314" /
@@ -363,7 +364,7 @@ def test_the_facecloak_benchmark_bookkeeping(tmp_path, tiny_vae_dir, detector, c
     assert all(0 <= float(r[f"{m}_{k}"]) <= 1 for r in rows.values() for m in ("judge", "attacked")
                for k in ("top1", "top5", "verification"))
     for person in ("ann", "bob"):  # cid has one photo: in the gallery, never a probe
-        assert (out / "masks" / "facecloak" / person / "budget_0.0628" / main_defend.MASK_FILE).is_file()
+        assert (out / "masks" / "facecloak" / person / "budget_0.0628" / protect.MASK_FILE).is_file()
     assert "| facecloak |" in (out / "facecloak.md").read_text() and (out / "grid.png").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
     assert benchmark_facecloak.main(argv) == 0  # resumes: nothing learned or protected again
@@ -378,10 +379,10 @@ def test_a_mask_learned_from_one_real_photo_hides_it_and_moves_the_person_s_othe
     from a held-out model; measured, it does not (README, FaceCloak), so this checks what holds."""
     from PIL import Image as PILImage
 
-    from evaluation.eval_psr import load_gallery
-    from evaluation.metrics.psr import Probes
+    from evaluation.metrics.psr import Probes, load_gallery
+    from methods.models.loading import load_face_identity
     from methods.noise import UniformNoise
-    from utils import load_face_identity, pil_to_tensor
+    from utils import pil_to_tensor
 
     def photo(path: Path) -> torch.Tensor:  # long side 512, to keep detection quick
         image = load_image(path)

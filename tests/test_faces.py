@@ -8,8 +8,16 @@ import torch
 from skimage.transform import SimilarityTransform, warp
 
 from conftest import TinyFaceNet, centre_faces, export_tiny_onnx_face_model, random_images, tiny_face_identity
-from methods.faces import (ARCFACE_TEMPLATE, FaceEmbedder, FaceEnsemble, FaceIdentity, Faces, crop_faces,
-                           load_onnx_embedder, read_contract)
+from methods.models.faces import (
+    ARCFACE_TEMPLATE,
+    FaceEmbedder,
+    FaceEnsemble,
+    FaceIdentity,
+    Faces,
+    crop_faces,
+    load_onnx_embedder,
+    read_contract,
+)
 
 
 def test_alignment_matches_a_reference_warp_and_passes_gradients():
@@ -108,15 +116,14 @@ def test_onnx_face_models_load_with_their_card(tmp_path):
 def test_facenet_loader_with_a_random_inception_resnet(monkeypatch, tmp_path):
     import facenet_pytorch
 
-    from methods.downloads import FACENET_VGGFACE2
-    from methods.faces import load_facenet
+    from methods.models.loading import FACENET_VGGFACE2, load_facenet
 
     asked, fetched = [], []
     real = facenet_pytorch.InceptionResnetV1
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(facenet_pytorch, "InceptionResnetV1",
                         lambda pretrained=None: asked.append(pretrained) or real(pretrained=None))
-    monkeypatch.setattr("methods.downloads.fetch", lambda pinned, path: fetched.append((pinned, path)))
+    monkeypatch.setattr("methods.models.loading.fetch", lambda pinned, path: fetched.append((pinned, path)))
     identity = FaceIdentity(load_facenet(), centre_faces)
     assert asked == ["vggface2"] and identity.embedder.alignment == "box" and identity.embedder.size == (160, 160)
     # the checked weights go where facenet-pytorch reads them, so it never downloads an unchecked copy
@@ -136,7 +143,7 @@ def tiny_identity(seed: int, detector) -> FaceIdentity:
 
 @pytest.mark.parametrize("combine", ["mean", "max"])
 def test_an_ensemble_detects_once_shares_crops_and_combines_similarities(combine, monkeypatch):
-    import methods.faces as faces_module
+    import methods.models.faces as faces_module
 
     detections, crops = [], []
     detector = lambda images: detections.append(len(images)) or centre_faces(images)  # noqa: E731
@@ -160,16 +167,16 @@ def test_an_ensemble_detects_once_shares_crops_and_combines_similarities(combine
 
 
 def test_a_comma_separated_fr_model_loads_each_model_once_as_an_ensemble(tmp_path, monkeypatch):
-    import utils
+    from methods.models import loading
 
     first, second = (export_tiny_onnx_face_model(tmp_path / name) for name in ("one", "two"))
     loaded = []
-    real = utils._load_face_embedder
-    monkeypatch.setattr(utils, "_load_face_embedder", lambda spec: loaded.append(spec) or real(spec))
-    ensemble = utils.load_face_identity(f"{first},{second}", torch.device("cpu"), combine="max")
+    real = loading._load_face_embedder
+    monkeypatch.setattr(loading, "_load_face_embedder", lambda spec: loaded.append(spec) or real(spec))
+    ensemble = loading.load_face_identity(f"{first},{second}", torch.device("cpu"), combine="max")
     assert isinstance(ensemble, FaceEnsemble) and ensemble.combine == "max" and len(ensemble.members) == 2
     assert loaded == [str(first), str(second)]
     assert ensemble.members[0].detector is ensemble.members[1].detector
-    assert isinstance(utils.load_face_identity(str(first), torch.device("cpu")), FaceIdentity)
-    with pytest.raises(utils.ModelUnavailable, match="different face models"):
-        utils.load_face_identity(f"{first},{first}", torch.device("cpu"))
+    assert isinstance(loading.load_face_identity(str(first), torch.device("cpu")), FaceIdentity)
+    with pytest.raises(loading.ModelUnavailable, match="different face models"):
+        loading.load_face_identity(f"{first},{first}", torch.device("cpu"))

@@ -16,7 +16,10 @@ import edit
 import main_edit
 from conftest import ROOT, export_tiny_onnx_face_model, tiny_face_identity, write_photo
 from methods.guard import IdentityGuard, adaptive_weight, guarded_edit
-from methods.perceptual import RELU3_4, VGGFeatureDistance, load_vgg19_features, vgg19_relu3_4
+from methods.models.loading import load_vgg19_features
+from methods.models.perceptual import RELU3_4, VGGFeatureDistance, vgg19_relu3_4
+from methods.pipeline import editing
+from methods.pipeline.editing import parse_edit
 from utils import UserError, pil_to_tensor
 
 FAST = ["--num_inference_steps", "4"]
@@ -29,8 +32,8 @@ def pixels(image) -> np.ndarray:
 
 def editor(folder, pix2pix: bool):
     argv = ["--input_path", "x.png", "--prompt", "x", "--model_id", str(folder), "--seed", "0", *FAST]
-    args = edit.parse_args(edit.build_parser(), argv + ([] if pix2pix else ["--model", "stable-diffusion"]))
-    return edit.load_editor(args, torch.device("cpu"), progress=False), args
+    args = parse_edit(edit.build_parser(), argv + ([] if pix2pix else ["--model", "stable-diffusion"]))
+    return editing.load_editor(args.options, torch.device("cpu"), progress=False), args.options
 
 
 def within(change: np.ndarray, norm: str, eps: float) -> bool:
@@ -92,14 +95,14 @@ def test_vgg_features_stop_at_relu3_4_and_load_torchvisions_weights(tmp_path, mo
     full = {f"features.{k}": v for k, v in make_layers(cfgs["E"]).state_dict().items()}
     torch.save({**full, "classifier.0.weight": torch.zeros(1)}, tmp_path / "vgg19.pth")
     with monkeypatch.context() as patched:  # the checked download, as if it had succeeded
-        patched.setattr("methods.downloads.fetch", lambda pinned, path: tmp_path / "vgg19.pth")
+        patched.setattr("methods.models.loading.fetch", lambda pinned, path: tmp_path / "vgg19.pth")
         loaded = load_vgg19_features()
     assert torch.equal(loaded.layers[16].weight, full["features.16.weight"])
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr("methods.downloads._download", offline)
+    monkeypatch.setattr("methods.models.downloads._download", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FileNotFoundError, match=f"vgg19-dcbb9e9d.pth.*{tmp_path / 'torch'}"):
         load_vgg19_features()
@@ -109,9 +112,9 @@ def test_vgg_features_stop_at_relu3_4_and_load_torchvisions_weights(tmp_path, mo
 def test_the_clean_edit_is_the_plain_edit_and_an_idle_guard_replays_it_exactly(pix2pix, tiny_pix2pix_dir,
                                                                                tiny_img2img_dir):
     pipe, args = editor(tiny_pix2pix_dir if pix2pix else tiny_img2img_dir, pix2pix)
-    plain = edit.edit_images(pipe, args, [PHOTO], "Let it be snowy", [5])[0]
+    plain = editing.edit_images(pipe, args, [PHOTO], "Let it be snowy", [5])[0]
     idle = IdentityGuard(sensitive_face(), None, lr=0.0, steps=3, iterations=2)  # Adam with lr 0 moves nothing
-    protected, clean, records = edit.protect_edit_images(pipe, idle, args, [PHOTO], "Let it be snowy", [5])
+    protected, clean, records = editing.protect_edit_images(pipe, idle, args, [PHOTO], "Let it be snowy", [5])
     assert np.array_equal(pixels(clean[0]), pixels(plain))
     # the protected trajectory branched off 3 steps before the end and replayed them with the same noise
     assert records[0]["steps"] == 3 and np.array_equal(pixels(protected[0]), pixels(plain))
@@ -125,8 +128,8 @@ def test_the_protected_edit_stays_in_budget_is_reproducible_and_hides_the_face(p
     pipe, args = editor(tiny_pix2pix_dir if pix2pix else tiny_img2img_dir, pix2pix)
     face = sensitive_face()
     guard = IdentityGuard(face, None, eps=0.03, lr=0.5, steps=2, iterations=8)
-    protected, clean, records = edit.protect_edit_images(pipe, guard, args, [PHOTO], "Let it be snowy", [5])
-    again, _, _ = edit.protect_edit_images(pipe, guard, args, [PHOTO], "Let it be snowy", [5])
+    protected, clean, records = editing.protect_edit_images(pipe, guard, args, [PHOTO], "Let it be snowy", [5])
+    again, _, _ = editing.protect_edit_images(pipe, guard, args, [PHOTO], "Let it be snowy", [5])
     difference = np.abs(pixels(protected[0]) - pixels(clean[0]))
     assert 0 < difference.max() <= 3 and records[0]["linf_255"] == difference.max()  # 0.03 is 3.8/255
     assert np.array_equal(pixels(again[0]), pixels(protected[0]))
@@ -144,10 +147,10 @@ def test_the_pixel_stage_keeps_the_budget_is_seeded_and_hides_the_face_further(n
     pipe, args = editor(tiny_img2img_dir, False)
     face = sensitive_face()
     options = dict(eps=eps, norm=norm, lr=0.5, steps=2, iterations=4)
-    latent_only, _, _ = edit.protect_edit_images(pipe, IdentityGuard(face, None, **options), args, [PHOTO], "x", [5])
+    latent_only, _, _ = editing.protect_edit_images(pipe, IdentityGuard(face, None, **options), args, [PHOTO], "x", [5])
     refined = IdentityGuard(face, None, refine=10, **options)
-    protected, clean, records = edit.protect_edit_images(pipe, refined, args, [PHOTO], "x", [5])
-    again, _, _ = edit.protect_edit_images(pipe, refined, args, [PHOTO], "x", [5])
+    protected, clean, records = editing.protect_edit_images(pipe, refined, args, [PHOTO], "x", [5])
+    again, _, _ = editing.protect_edit_images(pipe, refined, args, [PHOTO], "x", [5])
     assert np.array_equal(pixels(again[0]), pixels(protected[0]))
     change = pixels(protected[0]) - pixels(clean[0])
     assert change.any() and within(change, norm, eps)  # L2 2.0: 255 levels long at most, after rounding
@@ -180,7 +183,7 @@ def test_impersonation_pulls_the_face_toward_the_target(tiny_img2img_dir):
     face = sensitive_face()
     target = Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     guard = IdentityGuard(face, None, eps=0.03, lr=0.5, steps=2, iterations=8)
-    protected, clean, records = edit.protect_edit_images(pipe, guard, args, [PHOTO], "x", [5], pil_to_tensor(target))
+    protected, clean, records = editing.protect_edit_images(pipe, guard, args, [PHOTO], "x", [5], pil_to_tensor(target))
     before, after = similarity(face, clean[0], target), similarity(face, protected[0], target)
     assert after > before + 0.01
     assert records[0]["target_similarity_protected"][""] == pytest.approx(after, abs=1e-5)
@@ -239,7 +242,7 @@ def test_a_photo_without_a_face_or_missing_vgg_weights_fail_clearly(tmp_path, ti
     with pytest.raises(UserError, match="noise.png: no face found"):
         edit.main(["--input_path", str(noise), "--guard_perceptual", "none", *common])
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr("methods.downloads._download",
+    monkeypatch.setattr("methods.models.downloads._download",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     with pytest.raises(UserError, match="vgg19-dcbb9e9d.pth.*--guard_perceptual lpips or none"):
         edit.main(["--input_path", str(face_photo(tmp_path / "me.png")), *common])
@@ -289,7 +292,7 @@ def test_main_edit_protects_a_folder_records_both_similarities_and_resumes(tmp_p
 
 def test_protection_success_counts_edits_below_the_threshold_and_skips_faceless_ones():
     from evaluation.metrics.protection import ProtectionSuccess
-    from methods.faces import FaceIdentity, Faces
+    from methods.models.faces import FaceIdentity, Faces
 
     face = sensitive_face()
     source, other = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (0, 9))
@@ -343,20 +346,21 @@ def test_a_real_decoder_hides_real_faces_from_a_face_model_the_guard_never_saw(a
     its 1 % FAR threshold at a PSNR of at least 35 dB."""
     from diffusers import AutoencoderTiny
 
-    from evaluation.benchmark_guard import noop_protect, random_signs
-    from evaluation.benchmark_protection import face_crop
+    from evaluation.benchmarks.crops import face_crop
+    from evaluation.benchmarks.guard import noop_protect, random_signs
     from evaluation.calibration import calibrate, labelled_photos
     from evaluation.metrics.facial import FaceSimilarity
     from evaluation.metrics.psnr import psnr
-    from methods.faces import FaceDetector
-    from utils import load_face_identity, load_image
+    from methods.models.faces import FaceDetector
+    from methods.models.loading import load_face_identity
+    from utils import load_image
 
     cpu = torch.device("cpu")
     judge_identity = load_face_identity("mobilefacenet", cpu)
     threshold = calibrate(judge_identity, labelled_photos(assets / "faces"), 0.01, cpu).threshold
     judge = FaceSimilarity(judge_identity)
     guard = IdentityGuard(load_face_identity("sface,mobileface", cpu), None, eps=eps, norm=norm, steps=5,
-                          iterations=3, refine=edit.DEFAULTS["guard_refine"])
+                          iterations=3, refine=editing.EDIT_DEFAULTS["guard_refine"])
     taesd = AutoencoderTiny.from_pretrained(assets / "models" / "taesd").eval()
     detector, rows = FaceDetector(), []
     names = ["obama/obama.jpg", "biden/biden.jpg", "kit_harington/john1.jpg", "rose_leslie/img1.jpg"]

@@ -12,16 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, write_photo
-from utils import (
-    InputError,
-    derive_seed,
-    image_size,
-    load_image,
-    loaded_batches,
-    pil_to_tensor,
-    quantize_within,
-    tensor_to_uint8,
-)
+from methods.pipeline.placement import quantize_within
+from utils import InputError, derive_seed, image_size, load_image, loaded_batches, pil_to_tensor, tensor_to_uint8
 
 
 def test_exif_orientation_is_honoured(tmp_path):

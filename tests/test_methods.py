@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import methods
-from methods.autoencoder import as_autoencoder
-from methods.base import PGDAttack, frozen, uniform_noise
-from methods.faces import Faces, NoFaceError
-from utils import quantize_within, tensor_to_uint8
 from conftest import AUTOENCODERS, centre_faces, random_images, tiny_face_identity, tiny_lpips, tiny_pipeline
+from methods.base import PGDAttack, frozen
+from methods.models.autoencoder import as_autoencoder
+from methods.models.faces import Faces, NoFaceError
+from methods.pipeline.placement import quantize_within
+from methods.randomness import uniform_noise
+from utils import tensor_to_uint8
 
 METHOD_NAMES = ["encoder", "vae", "cw", "facelock", "noise", "editshield", "diffusion"]
 #: Every method, and the diffusion attack also against img2img.

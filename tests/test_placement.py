@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import methods
-import methods.placement as placement_module
+import methods.pipeline.placement as placement_module
 from conftest import AUTOENCODERS, write_photo
-from methods.faces import Faces
-from methods.placement import face_region, paste, place, work_image
-from utils import load_image, quantize_within
+from methods.models.faces import Faces
+from methods.pipeline.placement import face_region, paste, place, quantize_within, work_image
+from utils import load_image
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -137,7 +137,7 @@ def test_defend_attacks_only_the_face_region_and_leaves_the_rest(tmp_path, tiny_
     import defend
 
     source = write_photo(tmp_path / "in.png", size=(240, 200))
-    monkeypatch.setattr("methods.faces.FaceDetector.__call__",
+    monkeypatch.setattr("methods.models.faces.FaceDetector.__call__",
                         lambda self, images: boxes_detector([[100, 80, 130, 110]])(images))
     assert defend.main(["--input_path", str(source), "--defend_method", "encoder", "--vae", str(tiny_vae_dir),
                         "--num_iters", "2", "--region", "face"]) == 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import threading
-import time
+
+import pytest
 
 import methods
 from conftest import random_images, tiny_autoencoder_tiny
@@ -20,25 +21,50 @@ def redraws(output: str) -> int:
     return output.count("\r")
 
 
-def run_bar(file, steps: int = 60, pause: float = 0.01) -> str:
+class Clock:
+    """The time the bars read, which moves only when the test says: by `advance`, or by `tick` at every reading."""
+
+    def __init__(self, tick: float = 0.0) -> None:
+        self.now, self.tick = 1000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    import tqdm.std
+
+    fake = Clock()
+    monkeypatch.setattr(tqdm.std, "time", fake)  # what every new bar reads the time with
+    return fake
+
+
+def run_bar(file, clock: Clock, steps: int = 60, pause: float = 0.01) -> str:
     bar = progress_bar(range(steps), desc="work", file=file)
     for i in bar:
-        time.sleep(pause)
+        clock.advance(pause)
         bar.set_postfix(loss=f"{i}", refresh=False)
     bar.close()
     return file.getvalue()
 
 
-def test_a_bar_off_a_terminal_writes_rarely_and_on_a_terminal_often():
+def test_a_bar_off_a_terminal_writes_rarely_and_on_a_terminal_often(clock):
     assert NON_TTY_INTERVAL >= 2
-    off = run_bar(io.StringIO())
-    on = run_bar(Terminal())
-    assert redraws(off) <= 3  # the first draw, perhaps one more, the last
-    assert redraws(on) >= 4  # about every 0.1 s over 0.6 s
+    off = run_bar(io.StringIO(), clock)
+    on = run_bar(Terminal(), clock)
+    assert redraws(off) <= 2  # 0.6 s of work: the first draw and the last
+    assert redraws(on) >= 5  # about every 0.1 s over 0.6 s
     assert "60/60" in off and "60/60" in on
+    assert redraws(run_bar(io.StringIO(), clock, steps=30, pause=1.0)) >= 6  # 30 s of work: every 5 s, and the last
 
 
-def test_an_attack_logging_to_a_pipe_does_not_write_a_segment_per_iteration(capsys):
+def test_an_attack_logging_to_a_pipe_does_not_write_a_segment_per_iteration(capsys, clock):
+    clock.tick = 0.1  # every reading of the clock takes a tenth of a second, however slow the machine is
     attack = methods.create("vae", autoencoder=tiny_autoencoder_tiny(), eps=0.03, step_size=0.01, num_iters=20,
                             progress=True)
     attack(random_images(1, 32))

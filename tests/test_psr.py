@@ -79,12 +79,12 @@ def people_folder(root: Path) -> Path:
 
 @pytest.fixture
 def tiny_models(monkeypatch):
-    import utils
+    from methods.models import loading
 
     identity = tiny_face_identity()
     identity.embedder.name = "tiny"
     monkeypatch.setattr(eval_psr, "face_models", lambda spec, device: ({"tiny": identity}, centre_faces))
-    monkeypatch.setattr(utils, "load_face_identity", lambda spec, device: identity)  # the one-pass evaluator's
+    monkeypatch.setattr(loading, "load_face_identity", lambda spec, device: identity)  # the one-pass evaluator's
 
 
 def test_eval_psr_scores_protected_probes_against_the_unprotected_control(tmp_path, tiny_models, capsys):

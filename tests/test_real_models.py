@@ -17,8 +17,8 @@ from PIL import Image
 
 import defend
 import methods
-from methods.autoencoder import as_autoencoder
-from methods.faces import FaceDetector, FaceEnsemble, FaceIdentity, load_onnx_embedder
+from methods.models.autoencoder import as_autoencoder
+from methods.models.faces import FaceDetector, FaceEnsemble, FaceIdentity, load_onnx_embedder
 from utils import load_image, pil_to_tensor
 
 SEED = [torch.Generator().manual_seed(0)]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import main_defend
 from conftest import ROOT, export_tiny_onnx_face_model, tiny_clip, write_photo
 from evaluation import table1
+from methods.pipeline import protect
 from utils import UserError
 
 METHODS = ("encoder", "editshield", "diffusion")
@@ -42,8 +42,8 @@ def test_every_stage_writes_its_outputs_and_a_rerun_does_no_work(setup, monkeypa
     argv = ["--image_dir", str(photos), "--output_dir", str(out), "--methods", ",".join(METHODS), "--limit", "2",
             "--prompt_indices", "0,3", *common]
     loads = {"attack": 0, "editor": 0}
-    build_attack, load_editor = main_defend.build_attack, table1.load_editor
-    monkeypatch.setattr(main_defend, "build_attack", lambda *a, **k: loads.update(attack=loads["attack"] + 1)
+    build_attack, load_editor = protect.build_attack, table1.load_editor
+    monkeypatch.setattr(protect, "build_attack", lambda *a, **k: loads.update(attack=loads["attack"] + 1)
                         or build_attack(*a, **k))
     monkeypatch.setattr(table1, "load_editor", lambda *a, **k: loads.update(editor=loads["editor"] + 1)
                         or load_editor(*a, **k))
@@ -76,7 +76,7 @@ def test_every_stage_writes_its_outputs_and_a_rerun_does_no_work(setup, monkeypa
     def refuse(*args, **kwargs):
         raise AssertionError("a rerun loaded a model or redid a stage")
 
-    for module, name in ((main_defend, "build_attack"), (table1, "load_editor"), (table1, "build_metrics"),
+    for module, name in ((protect, "build_attack"), (table1, "load_editor"), (table1, "build_metrics"),
                          (table1.report, "main")):
         monkeypatch.setattr(module, name, refuse)
     assert table1.main(argv) == 0

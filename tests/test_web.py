@@ -22,7 +22,8 @@ from PIL import Image
 import defend
 from conftest import ROOT, export_tiny_onnx_face_model, tiny_autoencoder_tiny, write_photo
 from evaluation.calibration import model_digest, write_thresholds
-from evaluation.web import PageConfig, display_name, serve
+from evaluation.web.page import PageConfig, display_name
+from evaluation.web.server import serve
 from utils import UserError, read_heif
 
 LEVELS = 4

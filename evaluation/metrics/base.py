@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
+import numpy as np
 import torch
 
 
@@ -58,3 +62,9 @@ class SourceMetric(Metric):
 
     def score(self, edits: torch.Tensor, names: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN (NaN if none is)."""
+    scored = [v for v in values if not math.isnan(v)]
+    return float(np.mean(scored)) if scored else float("nan")

@@ -8,7 +8,7 @@ from .base import SourceMetric
 
 
 class FaceSimilarity(SourceMetric):
-    """Takes a `methods.faces.FaceIdentity` (any face model, so a model the attack never saw can judge).
+    """Takes a `methods.models.faces.FaceIdentity` (any face model, so a model the attack never saw can judge).
 
     The source's largest face is embedded once. On each edit the face is detected again by default (an edit may
     move the face); `reuse_landmarks` crops the edit where the source's face was instead. Sources or edits without
@@ -34,7 +34,7 @@ class FaceSimilarity(SourceMetric):
 
     @torch.no_grad()
     def score(self, edits: torch.Tensor, names: list[str]) -> torch.Tensor:
-        from methods.faces import Faces
+        from methods.models.faces import Faces
 
         scores = torch.full((len(names),), float("nan"))
         known = [i for i, name in enumerate(names) if self.sources[name] is not None]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.perceptual import LPIPSDistance
+from methods.models.perceptual import LPIPSDistance
 
 from .base import CleanMetric
 
 
 class LPIPS(CleanMetric):
-    """Takes an `lpips.LPIPS` model (`methods.perceptual.load_lpips_vgg()` for the paper's)."""
+    """Takes an `lpips.LPIPS` model (`methods.models.loading.load_lpips_vgg()` for the paper's)."""
 
     key, title, lower_is_stronger = "lpips", "LPIPS", False
 

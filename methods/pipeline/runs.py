@@ -1,5 +1,5 @@
-"""Batch jobs over folders: resumable bookkeeping, and the split between processes started by `torchrun` or
-`accelerate launch`.
+"""The bookkeeping of batch jobs over folders: resumable manifests, background writing and loading, and the split
+between processes started by `torchrun` or `accelerate launch`.
 
 The processes exchange nothing but one barrier at the end of a job, so their process group always uses gloo, with no
 device ids: that works for CPU processes, for processes sharing a GPU and for one GPU per process alike. Each
@@ -155,12 +155,12 @@ class BatchRun:
             part.unlink()
         return self.manifest
 
-    def report(self, counts: str, folder: Path) -> int:
-        """Print the run's counts and every failure; the exit status is 1 if anything failed."""
+    def report(self, counts: str, folder: Path, say: Callable[[str], None] = logger.info) -> int:
+        """Tell `say` the run's counts and every failure; the exit status is 1 if anything failed."""
         failed = self.manifest["failed"]
-        print(f"{counts}, failed {len(failed)}; outputs and manifest.json in {folder}")
+        say(f"{counts}, failed {len(failed)}; outputs and manifest.json in {folder}")
         for key, reason in sorted(failed.items()):
-            print(f"  failed: {key}: {reason}")
+            say(f"  failed: {key}: {reason}")
         return 1 if failed else 0
 
     def _read(self) -> dict:

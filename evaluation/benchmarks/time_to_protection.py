@@ -5,7 +5,7 @@ each variant (momentum, a cosine step schedule, both); every few iterations the 
 the face-recognition similarity between the photo and the autoencoder round trip of the current iterate, by the
 attacked face model and by a held-out one (the clock is stopped while it is measured). A variant has reached the
 protection at the first iterate whose two similarities are both at or below the official schedule's final ones;
-the time it took is what early stopping (`--target_fr`) would spend. `evaluation/benchmark_speed.py` prints the
+the time it took is what early stopping (`--target_fr`) would spend. `evaluation/benchmarks/speed.py` prints the
 tables.
 """
 
@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 import methods
-from methods.autoencoder import as_autoencoder
+from methods.models.autoencoder import as_autoencoder
 
 #: Variants of the PGD loop compared with the official one (options of `methods.PGDAttack`).
 VARIANTS = {

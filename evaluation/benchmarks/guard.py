@@ -1,6 +1,6 @@
 """Does protected editing (Flux-Guard, `edit.py --protect_identity`) hide the face from a face model it never saw?
 
-    python -m evaluation.benchmark_guard --output results/guard
+    python -m evaluation.benchmarks.guard --output runs/guard [--results evaluation/results/guard.md]
 
 No diffusion editor runs offline, so the edit is a stand-in: the TAESD autoencoder decodes the photo's own latent
 (a no-op edit), and the guard optimises that latent during the last `--steps` "steps" (with nothing to denoise in
@@ -14,14 +14,14 @@ decode, and seconds per photo; as a markdown table (also printed), a CSV and the
 
 `--editor` also times protected edits by a real InstructPix2Pix pipeline (hub id or folder) at `--editor_size`:
 seconds per protected and per plain edit and the peak memory (of the GPU on CUDA), which is how the GPU figures of
-the README are measured.
+evaluation/results/guard.md are measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -30,26 +30,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edit import DEFAULTS as EDIT_DEFAULTS
-from edit import edit_images, load_editor, load_guard, protect_edit_images
-from methods.autoencoder import as_autoencoder
 from methods.base import frozen
-from methods.faces import FaceDetector
 from methods.guard import REFINEMENT
-from methods.placement import budget_levels, round_within_l2
+from methods.models.autoencoder import as_autoencoder
+from methods.models.faces import FaceDetector
+from methods.models.loading import ASSETS_ENV, load_autoencoder, load_face_identity
+from methods.pipeline.editing import (
+    EDIT_DEFAULTS,
+    EditOptions,
+    edit_images,
+    load_editor,
+    load_guard,
+    protect_edit_images,
+    resolve_edit,
+)
+from methods.pipeline.placement import budget_levels, quantize_within, round_within_l2
 from utils import (
-    ASSETS_ENV,
     PAPER_PROMPTS,
     UserError,
     atomic_write,
     derive_seed,
     linf_255,
-    load_autoencoder,
-    load_face_identity,
     load_image,
     pick_device,
     pil_to_tensor,
-    quantize_within,
     run_script,
     save_png,
     tensor_to_uint8,
@@ -57,12 +61,13 @@ from utils import (
     write_json,
 )
 
-from .benchmark_protection import face_crop
-from .benchmark_speed import PeakMemory, machine, synchronize
-from .calibration import calibrate, labelled_photos
-from .metrics.facial import FaceSimilarity
-from .metrics.psnr import psnr
-from .runner import nanmean
+from ..calibration import calibrate, default_faces, labelled_photos
+from ..metrics.base import nanmean
+from ..metrics.facial import FaceSimilarity
+from ..metrics.psnr import psnr
+from .crops import face_crop
+from .results import write_results
+from .timing import PeakMemory, machine, synchronize
 
 
 def noop_protect(guard, autoencoder, photo: torch.Tensor, generator: torch.Generator | None = None
@@ -131,23 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--editor_photos", type=int, default=3, help="edits timed with --editor")
     parser.add_argument("--seed", type=int, default=0, help="seed of the control and the edits")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--results", help="also write the tables, with the machine, date and command, to this markdown "
+                                          "file (evaluation/results/guard.md)")
     return parser
 
 
-def guard_args(args: argparse.Namespace, budget: float, **extra) -> argparse.Namespace:
-    """The edit.py options of this benchmark's guard."""
-    return argparse.Namespace(**{**EDIT_DEFAULTS, "protect_identity": True, "fr_model": args.fr_model,
-                                 "fr_combine": args.fr_combine, "guard_budget": budget, "guard_norm": args.norm,
-                                 "guard_steps": args.steps, "guard_iterations": args.iterations, "guard_lr": args.lr,
-                                 "guard_refine": args.refine,
-                                 "guard_perceptual": args.perceptual, **extra})
+def guard_options(args: argparse.Namespace, budget: float, **extra) -> EditOptions:
+    """The edit options of this benchmark's guard."""
+    return resolve_edit(protect_identity=True, fr_model=args.fr_model, fr_combine=args.fr_combine,
+                        guard_budget=budget, guard_norm=args.norm, guard_steps=args.steps,
+                        guard_iterations=args.iterations, guard_lr=args.lr, guard_refine=args.refine,
+                        guard_perceptual=args.perceptual, **extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if not args.faces and not os.environ.get(ASSETS_ENV):
-        raise UserError(f"pass --faces, or set {ASSETS_ENV} to a folder holding faces/")
-    faces = Path(args.faces) if args.faces else Path(os.environ[ASSETS_ENV]) / "faces"
+    faces = Path(args.faces) if args.faces else default_faces()
     budgets = [float(b) for b in args.budgets.split(",") if b]
     if args.size % 8 or not budgets:
         raise UserError("--size must be a multiple of 8 and --budgets name at least one budget")
@@ -170,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = []
     for budget in budgets:
-        guard, _ = load_guard(guard_args(args, budget), device, progress=False)
+        guard, _ = load_guard(guard_options(args, budget), device, progress=False)
         guard.refinement = dict(momentum=args.momentum, input_diversity=args.input_diversity, ti_kernel=args.ti_kernel)
         for k, (name, source) in enumerate(zip(names, sources)):
             start = time.perf_counter()
@@ -201,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.editor:
         text += editor_timing(args, device, sources)
     atomic_write(output / "guard.md", lambda tmp: tmp.write_text(text))
+    if args.results:
+        write_results(args.results, "Flux-Guard: the edit protected while it is made", text,
+                      "evaluation.benchmarks.guard", argv, [device])
     write_json({"parameters": vars(args), "photos": names, "threshold": threshold}, output / "benchmark.json")
     print(text)
     return 0
@@ -244,8 +252,8 @@ def report(rows: list[dict], args: argparse.Namespace, threshold: float, budgets
 
 def editor_timing(args: argparse.Namespace, device: torch.device, sources: list[Image.Image]) -> str:
     """Seconds per protected and per plain edit by a real editor, and the peak memory of the protected ones."""
-    options = guard_args(args, float(args.budgets.split(",")[0]), model_id=args.editor, max_size=0,
-                         device=str(device))
+    options = guard_options(args, float(args.budgets.split(",")[0]), model_id=args.editor, max_size=0,
+                            device=str(device))
     pipe = load_editor(options, device, progress=False)
     guard, _ = load_guard(options, device, progress=False)
     photos = [s.resize((args.editor_size, args.editor_size), Image.LANCZOS) for s in sources[:args.editor_photos]]

@@ -1,6 +1,6 @@
 """FaceCloak on real models, offline: are new photos of a person, protected by a mask learned once, still identified?
 
-    python -m evaluation.benchmark_facecloak --output results/facecloak
+    python -m evaluation.benchmarks.facecloak --output runs/facecloak [--results evaluation/results/facecloak.md]
 
 For each person of a labelled folder (default: FACELOCK_ASSETS/faces; faces-holdout/ is refused), every photo is cut
 to a square around the face. The person's first photo (by name) is the one a FaceCloak mask is learned from (against
@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,16 +33,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-import main_defend
-from defend import MAX_BUDGET
-from methods.autoencoder import as_autoencoder
 from methods.facecloak import FaceCloak, IdentityMask
-from methods.faces import FaceDetector
+from methods.models.autoencoder import as_autoencoder
+from methods.models.faces import FaceDetector
+from methods.models.loading import ASSETS_ENV, load_autoencoder
+from methods.pipeline.options import MAX_BUDGET, flags, resolve
+from methods.pipeline.protect import MASK_FILE, protect_folder
 from utils import (
-    ASSETS_ENV,
     UserError,
     atomic_write,
-    load_autoencoder,
     load_image,
     pick_device,
     pil_to_tensor,
@@ -52,15 +51,15 @@ from utils import (
     write_json,
 )
 
-from .benchmark_protection import face_crop
-from .calibration import labelled_photos
-from .eval_psr import face_models, load_gallery, score_probes, summarise
-from .metrics.facial import FaceSimilarity
-from .metrics.psnr import psnr
-from .metrics.psr import Probes
-from .metrics.ssim import ssim
-from .report import grid
-from .runner import nanmean
+from ..calibration import default_faces, labelled_photos
+from ..metrics.base import nanmean
+from ..metrics.facial import FaceSimilarity
+from ..metrics.psnr import psnr
+from ..metrics.psr import Probes, face_models, load_gallery, score_probes, summarise
+from ..metrics.ssim import ssim
+from ..report import grid
+from .crops import face_crop
+from .results import write_results
 
 #: Method label -> extra main_defend.py options ("none" is the unprotected photo; facecloak methods learn a mask).
 METHODS = {
@@ -102,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument("--dtype", default="auto", help="main_defend.py's --dtype for every protection (auto: "
                                                         "float32 on a CPU)")
+    parser.add_argument("--results", help="also write the tables, with the machine, date and command, to this markdown "
+                                          "file (evaluation/results/facecloak.md)")
     return parser
 
 
@@ -136,9 +137,13 @@ def folder_of(output: Path, what: str, names: Sequence[str], photos_dir: Path) -
 
 
 def defend(image_dir: Path, out: Path, options: list[str], args: argparse.Namespace, budget: float) -> Path:
-    main_defend.main(["--image_dir", str(image_dir), "--output_dir", str(out), *options, "--attack_budget",
-                      str(budget), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
-                      "--max_size", "0"])
+    """Protect a folder as main_defend.py would with these command-line options (`--defend_method` among them), at
+    `budget`; returns the folder of protected photos."""
+    method = options[options.index("--defend_method") + 1]
+    given = flags(options, method)
+    chosen = resolve(method, **{**given, "attack_budget": budget, "seed": args.seed, "device": args.device,
+                                "dtype": args.dtype, "max_size": 0})
+    protect_folder(chosen, image_dir, out, say=print)
     return out / f"budget_{budget}"
 
 
@@ -168,7 +173,7 @@ def protect(method: str, args: argparse.Namespace, output: Path, people: dict[st
         gallery = folder_of(output, f"gallery_without_{person}", others, photos_dir)
         learned = defend(folder_of(output, f"learn_{person}", names[:1], photos_dir),
                          output / "masks" / method / person, [*cloak, "--gallery", str(gallery)], args, budget)
-        mask = learned / main_defend.MASK_FILE
+        mask = learned / MASK_FILE
         folder = defend(folder_of(output, f"probes_{person}", names[1:], photos_dir),
                         output / "protected" / method / person, [*cloak, "--mask", str(mask)], args, budget)
         if method == "facecloak+facelock":
@@ -208,10 +213,9 @@ def apply_seconds(masks: list[Path], people: dict[str, list[str]], original: dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if not args.faces and not os.environ.get(ASSETS_ENV):
-        raise UserError(f"pass --faces, or set {ASSETS_ENV} to a folder holding faces/")
-    faces = Path(args.faces) if args.faces else Path(os.environ[ASSETS_ENV]) / "faces"
+    faces = Path(args.faces) if args.faces else default_faces()
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -273,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write(output / "grid.png", lambda tmp: sheet.save(tmp, format="PNG"))
     text = report(rows, args, judged, attacked, gallery, len(names))
     atomic_write(output / "facecloak.md", lambda tmp: tmp.write_text(text))
+    if args.results:
+        write_results(args.results, "FaceCloak: one mask per person", text, "evaluation.benchmarks.facecloak", argv,
+                      [device])
     print(text)
     print(f"tables, CSV and grid in {output}")
     return 0

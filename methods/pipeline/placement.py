@@ -127,6 +127,23 @@ def round_within_l2(exact: np.ndarray, clean: np.ndarray, radius: float) -> np.n
     return (base + delta).astype(np.uint8)
 
 
+def quantize_within(x_adv: torch.Tensor, clean: np.ndarray, eps: float | np.ndarray, norm: str = "linf") -> np.ndarray:
+    """Round a protected image to 8 bits without leaving the budget: each pixel moves from the clean 8-bit value
+    by the rounded perturbation, capped at the largest whole number of levels within `eps` ([-1, 1] units; a
+    number, or a per-pixel `H x W x 1` array).
+
+    With `norm="l2"` (`eps` the L2 length of the whole perturbation in `[-1, 1]` units), the perturbation is rounded
+    within that length (`round_within_l2`)."""
+    adversarial = (x_adv.detach().float().cpu().reshape(-1, *x_adv.shape[-2:]).permute(1, 2, 0).numpy() + 1) * 127.5
+    exact = adversarial - clean.astype(np.float64)
+    if norm == "l2":
+        return round_within_l2(exact, clean, eps * 127.5)
+    levels = budget_levels(eps)
+    delta = np.clip(np.round(exact), -levels, levels)
+    return np.clip(clean.astype(np.int64) + delta, 0, 255).astype(np.uint8)
+
+
+
 def paste(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: float,
           norm: str = "linf") -> tuple[np.ndarray, dict]:
     """Add the perturbation `delta` (`3 x H x W` on the padded work image, `[-1, 1]` units) to the photo's region.
@@ -176,6 +193,12 @@ def _paste_l2(image: Image.Image, placement: Placement, delta: torch.Tensor, eps
     change = np.abs(protected.astype(np.int64) - clean)
     out[top:bottom, left:right] = protected
     return out, _distances(int(change.max()), float(np.sum(change**2)), out.size)
+
+
+def distances(protected: np.ndarray, clean: np.ndarray) -> dict:
+    """L-infinity (1/255), L2 (`[-1, 1]` units) and PSNR (dB) between two 8-bit images of one shape."""
+    change = np.abs(protected.astype(np.int64) - clean.astype(np.int64))
+    return _distances(int(change.max()), float(np.sum(change**2)), change.size)
 
 
 def _distances(worst: int, squared: float, size: int) -> dict:

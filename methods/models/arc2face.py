@@ -11,16 +11,12 @@ guidance 3, 512 px). It needs the hub and, in practice, a GPU; offline, FaceCloa
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .faces import FaceEmbedder, FaceIdentity, Faces
+from .faces import FaceIdentity
 
-REPO = "FoivosPar/Arc2Face"
-BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PROMPT, TOKEN = "photo of a id person", "id"
 
 
@@ -35,7 +31,7 @@ class Arc2Face:
 
     Example::
 
-        arc2face = load_arc2face(detector, device, torch.float16)
+        arc2face = loading.load_arc2face(detector, device, torch.float16)
         faces = arc2face.generate(photo, 8, torch.Generator("cuda").manual_seed(0))  # 8 x 3 x 512 x 512, [-1, 1]
     """
 
@@ -82,23 +78,3 @@ class Arc2Face:
                                guidance_scale=self.guidance, num_images_per_prompt=count, height=self.size,
                                width=self.size, generator=generator, output_type="pt").images
         return (images.float().clamp(0, 1) * 2 - 1).to(photo.device)
-
-
-def load_arc2face(detector: Callable[[torch.Tensor], Faces], device: torch.device, dtype: torch.dtype,
-                  base_model: str = BASE_MODEL) -> Arc2Face:
-    """Arc2Face from the hub: its UNet and text encoder (`FoivosPar/Arc2Face`), the rest of Stable Diffusion 1.5
-    from `base_model`, DPM-Solver, and its ArcFace model (`arcface.onnx`, RGB in [-1, 1], ArcFace alignment)."""
-    import onnx2torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from huggingface_hub import hf_hub_download
-    from transformers import CLIPTextModel
-
-    encoder = CLIPTextModel.from_pretrained(REPO, subfolder="encoder", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(REPO, subfolder="arc2face", torch_dtype=dtype)
-    pipeline = StableDiffusionPipeline.from_pretrained(base_model, text_encoder=encoder, unet=unet, torch_dtype=dtype,
-                                                       safety_checker=None, requires_safety_checker=False)
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-    pipeline.set_progress_bar_config(disable=True)
-    network = onnx2torch.convert(hf_hub_download(REPO, "arcface.onnx")).eval()
-    embedder = FaceEmbedder(network, size=(112, 112), input_range=(-1.0, 1.0), alignment="arcface", name="arcface")
-    return Arc2Face(pipeline.to(device), FaceIdentity(embedder.to(device), detector))

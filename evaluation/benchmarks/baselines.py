@@ -1,6 +1,6 @@
 """Seconds and peak memory of editshield and PhotoGuard's diffusion attack on full-size models.
 
-    python -m evaluation.benchmark_baselines [--sizes 512] [--device cuda] [--model_id timbrooks/instruct-pix2pix]
+    python -m evaluation.benchmarks.baselines [--sizes 512] [--device cuda] [--model_id timbrooks/instruct-pix2pix]
 
 Models: random stand-ins with InstructPix2Pix's architecture (Stable Diffusion 1.5's VAE and CLIP text encoder, a
 UNet with 8 input channels; time and memory do not depend on the weights), or a real pipeline with --model_id.
@@ -16,7 +16,7 @@ by the official notebook's account: leave it off on small machines).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -26,43 +26,23 @@ import methods
 from methods.base import frozen
 from methods.diffusion import DiffusionEditor, gradient_checkpointing
 from methods.editshield import TRAINING_SCHEDULE
-from utils import atomic_write, cpu_generator, pick_device, pick_dtype, run_script
+from methods.models import loading
+from utils import cpu_generator, pick_device, pick_dtype, run_script
 
-from .benchmark_speed import SD15_VAE, PeakMemory, in_fresh_process, machine, median_seconds, photo
-
-#: Stable Diffusion 1.5's UNet config with InstructPix2Pix's 8 input channels (noisy latent + photo latent).
-IP2P_UNET = dict(sample_size=64, in_channels=8, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-#: Stable Diffusion 1.5's text encoder (CLIP ViT-L/14's).
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-
-
-class StandInTokenizer:
-    """Every prompt becomes 77 tokens, so the text encoder runs at full length."""
-
-    model_max_length = 77
-
-    def __call__(self, texts: Sequence[str], **kwargs) -> SimpleNamespace:
-        return SimpleNamespace(input_ids=torch.zeros(len(texts), self.model_max_length, dtype=torch.long))
+from .results import write_results
+from .standins import IP2P_UNET, SD15_TEXT, StandInTokenizer, portrait, sd15_vae
+from .timing import PeakMemory, in_fresh_process, median_seconds
 
 
 def editor(model_id: str | None, device: torch.device, dtype: torch.dtype) -> DiffusionEditor:
     """InstructPix2Pix as the diffusion attack runs it: `model_id` loaded as defend.py loads it (in `dtype`, its
     default on `device`), or stand-ins in `dtype`."""
     if model_id:
-        from edit import load_editor
-
-        options = argparse.Namespace(model="instruct-pix2pix", model_id=model_id, vae=None, dtype="auto",
-                                     attention_slicing=False, cpu_offload=False)
-        return DiffusionEditor(load_editor(options, device, progress=False))
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+        return DiffusionEditor(loading.load_editor("instruct-pix2pix", model_id, device, progress=False))
+    from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(0)
-    parts = SimpleNamespace(vae=AutoencoderKL(**SD15_VAE), unet=UNet2DConditionModel(**IP2P_UNET),
+    parts = SimpleNamespace(vae=sd15_vae(device, dtype), unet=UNet2DConditionModel(**IP2P_UNET),
                             text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=StandInTokenizer(),
                             scheduler=EulerAncestralDiscreteScheduler(**TRAINING_SCHEDULE))
     return DiffusionEditor(parts).to(device=device, dtype=dtype).eval()
@@ -78,7 +58,7 @@ def one_pass(method: str, size: int, device_name: str, model_id: str | None, ste
         attack = methods.create("editshield", autoencoder=model.autoencoder.vae)
     else:
         attack = methods.create("diffusion", editor=model, steps=steps, grad_reps=1)
-    x = photo(size, device)
+    x = portrait(size, device)
     with frozen(*attack.modules()), gradient_checkpointing(model.unet, model.autoencoder.vae, enabled=checkpointing):
         with torch.no_grad():
             reference = attack.prepare(x)
@@ -99,18 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--without_checkpointing", action="store_true",
                         help="also measure the diffusion attack without gradient checkpointing (much more memory)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per figure, after a warm-up")
-    parser.add_argument("--output", help="also write the table to this markdown file")
+    parser.add_argument("--output", help="also write the table, with the machine, date and command, to this markdown "
+                                         "file (evaluation/results/baselines.md)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     runs = [("editshield", True, 1, args.editshield_iters), ("diffusion", True, args.grad_reps, args.num_iters)]
     if args.without_checkpointing:
         runs.append(("diffusion", False, args.grad_reps, args.num_iters))
-    lines = [f"Machine: {machine([device])}; weights {pick_dtype('auto', device)}, "
-             f"{args.model_id or 'random stand-ins of InstructPix2Pix'}.", "",
+    lines = [f"Weights {pick_dtype('auto', device)}, {args.model_id or 'random stand-ins of InstructPix2Pix'}.", "",
              "| method | size | one gradient pass (s) | per iteration (s) | per photo (min) | peak memory (GB) |",
              "|---|---|---|---|---|---|"]
     print("\n".join(lines))
@@ -125,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"iterations) | {megabytes / 1024:.1f} |")
             print(lines[-1], flush=True)
     if args.output:
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+        write_results(args.output, "EditShield and PhotoGuard's diffusion attack: seconds and memory",
+                      "\n".join(lines), "evaluation.benchmarks.baselines", argv, [device])
     return 0
 
 

@@ -3,7 +3,8 @@ defaults, the speed-up over the official code's loop, memory across iterations, 
 a photo reaches the official schedule's protection, the face region against the whole photo, PNG levels, and (on
 CUDA) a folder's throughput by batch size, bucket and compilation.
 
-    python -m evaluation.benchmark_speed [--sizes 256 512] [--repeats 3] [--sections time,region] [--output speed.md]
+    python -m evaluation.benchmarks.speed [--sizes 256 512] [--repeats 3] [--sections time,region] \
+        [--output evaluation/results/speed.md]
 
 Models: the full Stable Diffusion 1.5 VAE architecture with random weights (timing does not depend on the
 weights), TAESD and the face models (real weights: FACELOCK_ASSETS offline, else the hub), LPIPS-VGG with a random
@@ -16,126 +17,45 @@ The last line reads `facelock_sdvae256_speedup_vs_reference: <ratio>`.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
-import platform
+import math
 import statistics
-import threading
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import psutil
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 import methods
-from methods.autoencoder import as_autoencoder
-from methods.base import frozen, uniform_noise
-from methods.faces import FaceDetector
-from methods.perceptual import LPIPSDistance
-from methods.placement import face_region, paste, place, work_image
-from utils import (
-    PNG_LEVEL,
-    UserError,
-    atomic_write,
-    cpu_generator,
-    load_autoencoder,
-    load_face_identity,
-    load_image,
-    pil_to_tensor,
-    run_script,
-    save_png,
-)
+from methods.base import frozen
+from methods.models.autoencoder import as_autoencoder
+from methods.models.faces import FaceDetector
+from methods.models.loading import load_autoencoder, load_face_identity
+from methods.models.perceptual import LPIPSDistance
+from methods.pipeline.options import resolve
+from methods.pipeline.photos import photos_under
+from methods.pipeline.placement import face_region, paste, place, work_image
+from methods.pipeline.protect import protect_folder
+from methods.randomness import uniform_noise
+from utils import PNG_LEVEL, UserError, cpu_generator, load_image, pil_to_tensor, run_script, save_png
 
+from ..calibration import default_faces
 from . import time_to_protection
-from .benchmark_protection import face_crop
-from .calibration import default_faces
-from .walker import photos_under
+from .crops import face_crop
+from .results import write_results
+from .standins import PORTRAIT, portrait, sd15_vae
+from .timing import PeakMemory, in_fresh_process, median_seconds, synchronize
 
-PHOTO = Path(__file__).resolve().parents[1] / "assets" / "astronaut.png"
-#: diffusers' AutoencoderKL config of Stable Diffusion 1.5 (the VAE InstructPix2Pix uses too).
-SD15_VAE = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, in_channels=3, out_channels=3, latent_channels=4,
-                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
 SCHEDULE = 100
 AUTOENCODERS = ("SD 1.5 VAE", "TAESD")
-#: What the benchmark measures, in order; `--sections` picks a subset. `throughput` runs on CUDA only.
-SECTIONS = ("iteration", "components", "levers", "reference", "end_to_end", "memory", "time", "region", "png",
-            "throughput")
-
-
-# --------------------------------------------------------------------------------------------- measuring
-
-def machine(devices: Sequence[torch.device]) -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    text = (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, {platform.system()}")
-    return text + "".join(f"; {torch.cuda.get_device_name(d)}" for d in devices if d.type == "cuda")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-class PeakMemory:
-    """The peak memory of this process from now on: the CUDA allocator's peak, or on a CPU the resident memory,
-    sampled every 5 ms (the kernel's own maximum would include the parent's, as it survives exec)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = psutil.Process().memory_info().rss
-        self.running = device.type != "cuda"
-        if self.running:
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while self.running:
-            self.peak = max(self.peak, process.memory_info().rss)
-            time.sleep(0.005)
-
-    def megabytes(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        self.running = False
-        self.thread.join()
-        return self.peak / 2**20
-
-
-def in_fresh_process(fn: Callable, *args):
-    """Run `fn(*args)` in a new process, so that the peak memory it reports is its own."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 # ------------------------------------------------------------------------------------------------ models
-
-def photo(size: int, device: torch.device) -> torch.Tensor:
-    return pil_to_tensor(load_image(PHOTO).resize((size, size), Image.LANCZOS)).to(device)
-
 
 def channels_last(model: torch.nn.Module | None) -> torch.nn.Module | None:
     return model.to(memory_format=torch.channels_last) if model is not None else None
@@ -151,10 +71,7 @@ def random_lpips(device: torch.device, dtype: torch.dtype = torch.float32) -> LP
 def autoencoder(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     if name == "TAESD":
         return load_autoencoder("madebyollin/taesd", "", device, dtype)
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(**SD15_VAE).eval().to(device=device, dtype=dtype)
+    return sd15_vae(device, dtype)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -197,7 +114,7 @@ def time_method(name: str, ae_name: str, size: int, device: str, repeats: int, f
     attack = methods.create(name, autoencoder=channels_last(autoencoder(ae_name, device, dtype)),
                             face=channels_last(load_face_identity(fr_model, device)),
                             perceptual=channels_last(random_lpips(device, dtype)))
-    return seconds_per_iteration(attack, photo(size, device), repeats), memory.megabytes()
+    return seconds_per_iteration(attack, portrait(size, device), repeats), memory.megabytes()
 
 
 def reference_facelock(x: torch.Tensor, autoencoder, face, perceptual, eps: float, step_size: float, iters: int,
@@ -243,7 +160,7 @@ def facelock_run(loop: str, size: int, iters: int, device: str, fr_model: str, j
     face model."""
     device = torch.device(device)
     memory = PeakMemory(device)
-    x = photo(size, device)
+    x = portrait(size, device)
     if loop == "official":
         face = load_face_identity(fr_model, device)
         protected = reference_facelock(x, autoencoder("TAESD", device, torch.float32), face, None, 0.03, 0.01, iters,
@@ -280,7 +197,7 @@ def per_iteration(args: argparse.Namespace, names: Sequence[str], device: torch.
 def components(args: argparse.Namespace, device: torch.device, face, lpips_net) -> list[list]:
     rows = []
     for size in args.sizes:
-        x = photo(size, device)
+        x = portrait(size, device)
         rows.append([f"face detection (MTCNN), {size} px photo",
                      f"{median_seconds(lambda: face.reference(x), device, args.repeats):.3f}"])
         with frozen(face, lpips_net):
@@ -334,7 +251,7 @@ def against_reference(args: argparse.Namespace, device: torch.device, dtype: tor
 def end_to_end(args: argparse.Namespace, device: torch.device, face, taesd) -> list[list]:
     rows = []
     for size in args.sizes:
-        x = photo(size, device)
+        x = portrait(size, device)
         attack = methods.create("facelock", autoencoder=taesd, face=face, perceptual=None)
         run = lambda: attack(x, [cpu_generator(0)])  # noqa: E731
         seconds = median_seconds(run, device, max(1, args.repeats - 1))
@@ -354,7 +271,7 @@ def memory_and_protection(args: argparse.Namespace, device: torch.device, face, 
          f"{runs[loop, SCHEDULE][0] / runs[loop, 10][0]:.2f}"] for loop in ("project", "official")]))
     emit()
     with torch.no_grad():
-        unprotected = protection(photo(size, device), photo(size, device), device, face,
+        unprotected = protection(portrait(size, device), portrait(size, device), device, face,
                                  load_face_identity(args.judge, device))
     emit(f"Protection reached at {size} px after 100 iterations: FR similarity between the photo and its TAESD "
          "round trip (lower is stronger):")
@@ -371,7 +288,8 @@ def face_photos(args: argparse.Namespace, count: int) -> list[tuple[str, Image.I
     return [(f"{p.parent.name}/{p.stem}", load_image(p)) for p in photos_under(folder)[:count]]
 
 
-def time_section(args: argparse.Namespace, device: torch.device, face, taesd, emit: Callable[[str], None]) -> None:
+def time_to_protect(args: argparse.Namespace, device: torch.device, face, taesd, emit: Callable[[str], None]
+                    ) -> None:
     judge = load_face_identity(args.judge, device)
     detector = FaceDetector()
     photos = [pil_to_tensor(face_crop(image, 256, detector)).to(device) for _, image in face_photos(args, args.photos)]
@@ -401,7 +319,7 @@ def round_trip_similarity(ae, out: torch.Tensor, clean: torch.Tensor, models) ->
     return [model(round_trip, model.reference(clean)).item() for model in models]
 
 
-def region_section(args: argparse.Namespace, device: torch.device, face, taesd, emit: Callable[[str], None]) -> None:
+def face_square(args: argparse.Namespace, device: torch.device, face, taesd, emit: Callable[[str], None]) -> None:
     """FaceLock on whole portraits (512 px long side) against FaceLock on the square around the face, judged on the
     round trip of the whole photo."""
     judge, ae, rows, pairs = load_face_identity(args.judge, device), as_autoencoder(taesd), [], []
@@ -439,38 +357,36 @@ def region_section(args: argparse.Namespace, device: torch.device, face, taesd, 
 
 #: The throughput section's folder: this many photos, the same for every setting, compared across batch sizes.
 THROUGHPUT_PHOTOS = 8
-#: The throughput section's settings: label and main_defend.py flags.
-THROUGHPUT = (("batch 1", ["--batch_size", "1"]),
-              ("batch 8", ["--batch_size", "8"]),
-              ("batch 8, compile", ["--batch_size", "8", "--compile"]),
-              ("batch 8, bfloat16", ["--batch_size", "8", "--dtype", "bfloat16"]),
-              ("batch 1, deterministic", ["--batch_size", "1", "--deterministic"]),
-              ("batch 8, deterministic", ["--batch_size", "8", "--deterministic"]))
+#: The throughput section's settings: label, batch size and options over the paper's configuration.
+THROUGHPUT = (("batch 1", 1, {}),
+              ("batch 8", 8, {}),
+              ("batch 8, compile", 8, {"compile": True}),
+              ("batch 8, bfloat16", 8, {"dtype": "bfloat16"}),
+              ("batch 1, deterministic", 1, {"deterministic": True}),
+              ("batch 8, deterministic", 8, {"deterministic": True}))
 
 
-def throughput_section(args: argparse.Namespace, device: torch.device, emit: Callable[[str], None]) -> None:
-    """main_defend.py over a folder of photos of mixed sizes (512, 480, 448 px, one 64-pixel bucket) in the paper's
+def throughput(args: argparse.Namespace, device: torch.device, emit: Callable[[str], None]) -> None:
+    """A folder of photos of mixed sizes (512, 480, 448 px, one 64-pixel bucket) in the paper's
     configuration (SD 1.5 VAE stand-in, LPIPS-VGG, the face model), 100 iterations, by batch size, compilation,
     dtype and deterministic kernels (`THROUGHPUT`): seconds per photo end to end, and how far the outputs of the
     same photos differ between batch 1 and batch 8."""
     import tempfile
 
-    import main_defend
-
     with tempfile.TemporaryDirectory() as folder:
-        base, vae, photos = load_image(PHOTO), Path(folder) / "vae", Path(folder) / "photos"
+        base, vae, photos = load_image(PORTRAIT), Path(folder) / "vae", Path(folder) / "photos"
         autoencoder("SD 1.5 VAE", torch.device("cpu"), torch.float32).save_pretrained(vae)
         photos.mkdir()
         for k in range(THROUGHPUT_PHOTOS):
             side = (512, 480, 448)[k % 3]
             save_png(np.asarray(base.resize((side, side), Image.LANCZOS)), photos / f"p{k:02d}.png")
         rows, outputs, differences = [], {}, []
-        for label, extra in THROUGHPUT:
+        for label, batch_size, extra in THROUGHPUT:
             out = outputs[label] = Path(folder) / label.replace(" ", "_").replace(",", "") / "budget_0.03"
             start = time.perf_counter()
-            main_defend.main(["--image_dir", str(photos), "--output_dir", str(out.parent), "--defend_method",
-                              "facelock", "--vae", str(vae), "--fr_model", args.fr_model, "--lpips", "vgg",
-                              "--device", str(device), "--max_size", "0", "--bucket", "64", *extra])
+            options = resolve("facelock", vae=str(vae), fr_model=args.fr_model, lpips="vgg", device=str(device),
+                              max_size=0, bucket=64, **extra)
+            protect_folder(options, photos, out.parent, batch_size=batch_size, say=print)
             rows.append([label, f"{(time.perf_counter() - start) / THROUGHPUT_PHOTOS:.2f}"])
             print(f"  {rows[-1]}", flush=True)
             pair = label.replace("batch 8", "batch 1")
@@ -478,7 +394,7 @@ def throughput_section(args: argparse.Namespace, device: torch.device, emit: Cal
                 differences.append([f"{pair} / {label}", *pixel_agreement(outputs[pair], out)])
                 print(f"  {differences[-1]}", flush=True)
     emit(f"## {args_device(device)}: a folder of {THROUGHPUT_PHOTOS} photos (512, 480 and 448 px, bucket 64), "
-         "FaceLock in the paper's configuration (SD 1.5 VAE, LPIPS-VGG), 100 iterations, with main_defend.py")
+         "FaceLock in the paper's configuration (SD 1.5 VAE, LPIPS-VGG), 100 iterations, as main_defend.py runs it")
     emit()
     emit(table(["setting", "seconds per photo (end to end)"], rows))
     emit()
@@ -498,11 +414,11 @@ def pixel_agreement(first: Path, second: Path) -> list[str]:
     return [str(worst), f"{equal / max(total, 1):.2%}"]
 
 
-def png_section(emit: Callable[[str], None]) -> None:
+def png_levels(emit: Callable[[str], None]) -> None:
     """Seconds and megabytes of a protected 4-megapixel photo written as PNG at each zlib level."""
     import io
 
-    base = np.asarray(load_image(PHOTO).resize((2048, 2048), Image.LANCZOS)).astype(np.int16)
+    base = np.asarray(load_image(PORTRAIT).resize((2048, 2048), Image.LANCZOS)).astype(np.int16)
     noise = np.random.default_rng(0).integers(-3, 4, base.shape)
     protected = np.clip(base + noise, 0, 255).astype(np.uint8)
     rows = []
@@ -525,12 +441,118 @@ def args_device(device: torch.device) -> str:
     return device.type.upper()
 
 
-# ------------------------------------------------------------------------------------------------ report
-
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
+
+# ------------------------------------------------------------------------------------------ the sections
+
+@dataclass
+class Bench:
+    """What every section measures with: the options, one device, and the models, each loaded when first used."""
+
+    args: argparse.Namespace
+    device: torch.device
+    headline: float = field(default=float("nan"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return default_dtype(self.device)
+
+    @property
+    def where(self) -> str:
+        return args_device(self.device)
+
+    @cached_property
+    def face(self):
+        return channels_last(load_face_identity(self.args.fr_model, self.device))
+
+    @cached_property
+    def lpips_net(self) -> LPIPSDistance:
+        return channels_last(random_lpips(self.device, self.dtype))
+
+    @cached_property
+    def taesd(self) -> torch.nn.Module:
+        return channels_last(autoencoder("TAESD", self.device, self.dtype))
+
+
+Emit = Callable[[str], None]
+
+
+def iteration_section(b: Bench, emit: Emit) -> None:
+    emit(f"## {b.where}: seconds per iteration ({str(b.dtype).split('.')[1]}, channels_last, LPIPS on)")
+    emit()
+    names = [n.strip() for n in b.args.methods.split(",")]
+    emit(table(["method", "autoencoder", "size", "s / iteration", "peak memory (MB)"],
+               per_iteration(b.args, names, b.device)))
+    emit()
+
+
+def components_section(b: Bench, emit: Emit) -> None:
+    emit(f"## {b.where}: components (forward and backward to the input)")
+    emit()
+    emit(table(["component", "seconds"], components(b.args, b.device, b.face, b.lpips_net)))
+    emit()
+
+
+def levers_section(b: Bench, emit: Emit) -> None:
+    emit(f"## {b.where}: levers, FaceLock with the SD 1.5 VAE at 256 px (one iteration with every term)")
+    emit()
+    emit(table(["setting", "s / iteration"], levers(b.args, b.device, b.face, portrait(256, b.device))))
+    emit()
+
+
+def reference_section(b: Bench, emit: Emit) -> None:
+    emit(f"## {b.where}: FaceLock with the SD 1.5 VAE at 256 px, against the official loop")
+    emit()
+    ours, naive = against_reference(b.args, b.device, b.dtype, b.face, b.lpips_net, portrait(256, b.device))
+    emit(table(["loop", "s / iteration"], [
+        ["official: float32, contiguous, clean face and LPIPS features every iteration, every term always, "
+         "graph kept", f"{naive:.3f}"],
+        [f"this project: {str(b.dtype).split('.')[1]}, channels_last, clean references once, a term only when "
+         "its weight is not zero, fresh graph per iteration", f"{ours:.3f}"],
+    ]))
+    emit(f"\nspeed-up: {naive / ours:.2f}x")
+    emit()
+    if b.device.type == "cpu":
+        b.headline = naive / ours
+
+
+def end_to_end_section(b: Bench, emit: Emit) -> None:
+    emit(f"## {b.where}: FaceLock end to end (TAESD + {b.args.fr_model}, 100 iterations, no LPIPS: the models "
+         "of --preset small, plain sign steps, the whole photo)")
+    emit()
+    emit(table(["photo", "seconds"], end_to_end(b.args, b.device, b.face, b.taesd)))
+    emit()
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the benchmark: `run(bench, emit)` on each device (or once, for a measure of no device), on
+    CUDA only where `cuda_only`."""
+
+    run: Callable[[Bench, Emit], None]
+    per_device: bool = True
+    cuda_only: bool = False
+
+
+#: What the benchmark measures, in order; `--sections` picks a subset.
+SECTIONS: dict[str, Section] = {
+    "iteration": Section(iteration_section),
+    "components": Section(components_section),
+    "levers": Section(levers_section),
+    "reference": Section(reference_section),
+    "end_to_end": Section(end_to_end_section),
+    "memory": Section(lambda b, emit: memory_and_protection(b.args, b.device, b.face, emit)),
+    "time": Section(lambda b, emit: time_to_protect(b.args, b.device, b.face, b.taesd, emit)),
+    "region": Section(lambda b, emit: face_square(b.args, b.device, b.face, b.taesd, emit)),
+    "png": Section(lambda b, emit: png_levels(emit), per_device=False),
+    "throughput": Section(lambda b, emit: throughput(b.args, b.device, emit), cuda_only=True),
+}
+
+
+# ------------------------------------------------------------------------------------------------ report
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -545,21 +567,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--faces", help="face photos for the time, region and throughput sections "
                                         "(default: $FACELOCK_ASSETS/faces)")
     parser.add_argument("--photos", type=int, default=5, help="photos measured by the time and region sections")
-    parser.add_argument("--output", help="also write the report to this markdown file")
+    parser.add_argument("--output", help="also write the report, with the machine, date and command, to this "
+                                         "markdown file (e.g. evaluation/results/speed.md)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.device == "all":
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     else:
         devices = [torch.device(args.device)]
-    names = [n.strip() for n in args.methods.split(",")]
-    sections = {n.strip() for n in args.sections.split(",") if n.strip()}
-    if sections - set(SECTIONS):
+    chosen = [n for n in (n.strip() for n in args.sections.split(",")) if n]
+    if set(chosen) - set(SECTIONS):
         raise UserError(f"--sections takes a subset of {','.join(SECTIONS)}")
-    lines = [f"Machine: {machine(devices)}", ""]
+    lines: list[str] = []
 
     def emit(text: str = "") -> None:
         print(text, flush=True)
@@ -567,61 +590,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     headline = float("nan")
     for device in devices:
-        dtype, where = default_dtype(device), device.type.upper()
-        if "iteration" in sections:
-            emit(f"## {where}: seconds per iteration ({str(dtype).split('.')[1]}, channels_last, LPIPS on)")
-            emit()
-            emit(table(["method", "autoencoder", "size", "s / iteration", "peak memory (MB)"],
-                       per_iteration(args, names, device)))
-            emit()
-
-        face = channels_last(load_face_identity(args.fr_model, device))
-        lpips_net = channels_last(random_lpips(device, dtype))
-        if "components" in sections:
-            emit(f"## {where}: components (forward and backward to the input)")
-            emit()
-            emit(table(["component", "seconds"], components(args, device, face, lpips_net)))
-            emit()
-        x = photo(256, device)
-        if "levers" in sections:
-            emit(f"## {where}: levers, FaceLock with the SD 1.5 VAE at 256 px (one iteration with every term)")
-            emit()
-            emit(table(["setting", "s / iteration"], levers(args, device, face, x)))
-            emit()
-        if "reference" in sections:
-            emit(f"## {where}: FaceLock with the SD 1.5 VAE at 256 px, against the official loop")
-            emit()
-            ours, naive = against_reference(args, device, dtype, face, lpips_net, x)
-            emit(table(["loop", "s / iteration"], [
-                ["official: float32, contiguous, clean face and LPIPS features every iteration, every term always, "
-                 "graph kept", f"{naive:.3f}"],
-                [f"this project: {str(dtype).split('.')[1]}, channels_last, clean references once, a term only when "
-                 "its weight is not zero, fresh graph per iteration", f"{ours:.3f}"],
-            ]))
-            emit(f"\nspeed-up: {naive / ours:.2f}x")
-            emit()
-            if device.type == "cpu":
-                headline = naive / ours
-        taesd = channels_last(autoencoder("TAESD", device, dtype))
-        if "end_to_end" in sections:
-            emit(f"## {where}: FaceLock end to end (TAESD + {args.fr_model}, 100 iterations, no LPIPS: the models "
-                 "of --preset small, plain sign steps, the whole photo)")
-            emit()
-            emit(table(["photo", "seconds"], end_to_end(args, device, face, taesd)))
-            emit()
-        if "memory" in sections:
-            memory_and_protection(args, device, face, emit)
-        if "time" in sections:
-            time_section(args, device, face, taesd, emit)
-        if "region" in sections:
-            region_section(args, device, face, taesd, emit)
-        if "throughput" in sections and device.type == "cuda":
-            throughput_section(args, device, emit)
-    if "png" in sections:
-        png_section(emit)
+        bench = Bench(args, device)
+        for name, section in SECTIONS.items():
+            if name in chosen and section.per_device and (device.type == "cuda" or not section.cuda_only):
+                section.run(bench, emit)
+        headline = headline if math.isnan(bench.headline) else bench.headline
+    for name, section in SECTIONS.items():
+        if name in chosen and not section.per_device:
+            section.run(Bench(args, devices[0]), emit)
 
     if args.output:
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+        write_results(Path(args.output), "Speed and memory of protection", "\n".join(lines),
+                      "evaluation.benchmarks.speed", argv, devices)
     print(f"facelock_sdvae256_speedup_vs_reference: {headline:.2f}")
     return 0
 

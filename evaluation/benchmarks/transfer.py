@@ -1,6 +1,6 @@
 """Does FaceLock hold against a face model it never saw? Leave-one-out over the face models, in one command.
 
-    python -m evaluation.benchmark_transfer --output results/transfer
+    python -m evaluation.benchmarks.transfer --output runs/transfer [--results evaluation/results/transfer.md]
 
 For every face model of `--models` (default: the three of the offline assets), the photos are protected by FaceLock
 attacking all the others together (`--fr_model a,b`) and judged by the one left out, for each attack configuration
@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -29,17 +30,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-import main_defend
-from methods.autoencoder import as_autoencoder
 from methods.base import L2_STEP
-from methods.faces import FaceDetector
+from methods.models.autoencoder import as_autoencoder
+from methods.models.faces import FaceDetector
+from methods.models.loading import load_autoencoder, load_face_identity
+from methods.pipeline.options import resolve
+from methods.pipeline.protect import protect_folder
 from utils import (
     UserError,
     atomic_write,
     cpu_generator,
     derive_seed,
-    load_autoencoder,
-    load_face_identity,
     load_image,
     pick_device,
     pil_to_tensor,
@@ -48,31 +49,33 @@ from utils import (
     write_csv,
 )
 
-from .benchmark_protection import CLEANUPS, face_crop
-from .calibration import calibrate, default_faces, labelled_photos
-from .metrics.facial import FaceSimilarity
-from .metrics.psnr import psnr
-from .metrics.ssim import ssim
-from .runner import nanmean
+from ..calibration import calibrate, default_faces, labelled_photos
+from ..cleanups import CLEANUPS
+from ..metrics.base import nanmean
+from ..metrics.facial import FaceSimilarity
+from ..metrics.psnr import psnr
+from ..metrics.ssim import ssim
+from .crops import face_crop
+from .results import write_results
 
 logger = logging.getLogger(__name__)
 
-#: Attack configurations: main_defend.py options on top of FaceLock with the attacked ensemble.
+#: Attack configurations: protection options on top of FaceLock with the attacked ensemble.
 CONFIGS = {
-    "single": [],  # the first attacked model alone (so does every configuration named single-...)
-    "single-di": ["--input_diversity", "0.5"],
-    "plain": [],
-    "max": ["--fr_combine", "max"],  # each step attacks the attacked model that still matches best
-    "mi": ["--momentum", "1.0"],
-    "di": ["--input_diversity", "0.5"],
-    "ti": ["--ti_kernel", "5"],
-    "mi-di": ["--momentum", "1.0", "--input_diversity", "0.5"],
-    "mi-di-ti": ["--momentum", "1.0", "--input_diversity", "0.5", "--ti_kernel", "5"],
-    "eot": ["--eot", "jpeg,resize"],  # one random cleanup per step: the expectation is taken over the iterations
-    "mi-di-eot": ["--momentum", "1.0", "--input_diversity", "0.5", "--eot", "jpeg,resize"],
-    "mi-di-eot2": ["--momentum", "1.0", "--input_diversity", "0.5", "--eot", "jpeg,resize", "--eot_samples", "2"],
-    "l2": ["--norm", "l2"],  # budget --l2_budget (the L2 length of the change), step an eighth of it
-    "l2-eot": ["--norm", "l2", "--eot", "jpeg,resize"],
+    "single": {},  # the first attacked model alone (so does every configuration named single-...)
+    "single-di": {"input_diversity": 0.5},
+    "plain": {},
+    "max": {"fr_combine": "max"},  # each step attacks the attacked model that still matches best
+    "mi": {"momentum": 1.0},
+    "di": {"input_diversity": 0.5},
+    "ti": {"ti_kernel": 5},
+    "mi-di": {"momentum": 1.0, "input_diversity": 0.5},
+    "mi-di-ti": {"momentum": 1.0, "input_diversity": 0.5, "ti_kernel": 5},
+    "eot": {"eot": "jpeg,resize"},  # one random cleanup per step: the expectation is taken over the iterations
+    "mi-di-eot": {"momentum": 1.0, "input_diversity": 0.5, "eot": "jpeg,resize"},
+    "mi-di-eot2": {"momentum": 1.0, "input_diversity": 0.5, "eot": "jpeg,resize", "eot_samples": 2},
+    "l2": {"norm": "l2"},  # budget --l2_budget (the L2 length of the change), step an eighth of it
+    "l2-eot": {"norm": "l2", "eot": "jpeg,resize"},
 }
 JUDGED_CLEANUPS = ("none", "jpeg75", "resize0.5+jpeg75")
 KINDS = ("crops", "full")
@@ -100,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument("--batch_size", type=int, default=1, help="photos protected per forward pass (results do not "
                         "depend on it beyond float rounding; 8 on a GPU)")
+    parser.add_argument("--results", help="also write the tables, with the machine, date and command, to this markdown "
+                                          "file (evaluation/results/transfer.md)")
     return parser
 
 
@@ -142,19 +147,18 @@ def alone(attacked: list[str], config: str) -> list[str]:
 def protect(args: argparse.Namespace, photos: Path, out: Path, attacked: list[str], config: str, kind: str) -> Path:
     """Protect `photos` with FaceLock against `attacked` under `config`; returns the folder of protected photos."""
     models = alone(attacked, config)
-    l2 = "l2" in CONFIGS[config]
+    l2 = CONFIGS[config].get("norm") == "l2"
     budget = args.l2_budget if l2 else args.attack_budget
-    step = ["--step_size", str(budget * L2_STEP)] if l2 else []
-    main_defend.main(["--image_dir", str(photos), "--output_dir", str(out), "--defend_method", "facelock",
-                      "--fr_model", ",".join(models), "--vae", args.vae, "--lpips", "none", "--allow_no_face",
-                      "--attack_budget", str(budget), *step, "--num_iters", str(args.num_iters),
-                      "--seed", str(args.seed), "--device", args.device, "--max_size", "0",
-                      "--batch_size", str(args.batch_size),
-                      "--region", "face" if kind == "full" else "full", *CONFIGS[config]])
+    step = {"step_size": budget * L2_STEP} if l2 else {}
+    options = resolve("facelock", fr_model=",".join(models), vae=args.vae, lpips="none", allow_no_face=True,
+                      attack_budget=budget, **step, num_iters=args.num_iters, seed=args.seed, device=args.device,
+                      max_size=0, region="face" if kind == "full" else "full", **CONFIGS[config])
+    protect_folder(options, photos, out, batch_size=args.batch_size, say=print)
     return out / f"budget_{budget}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -196,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_csv(rows, output / "transfer.csv")
     text = report(rows, thresholds, args)
     atomic_write(output / "transfer.md", lambda tmp: tmp.write_text(text))
+    if args.results:
+        write_results(args.results, "Does it hold against face models it never saw?", text,
+                      "evaluation.benchmarks.transfer", argv, [device])
     print(text)
     return 0
 

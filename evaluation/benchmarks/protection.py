@@ -1,6 +1,6 @@
 """Does protection work, and does it survive cleanup? One command, on real models, every figure regenerated.
 
-    python -m evaluation.benchmark_protection --output results/protection
+    python -m evaluation.benchmarks.protection --output runs/protection [--results evaluation/results/protection.md]
 
 For a folder of face photos (default: FACELOCK_ASSETS/faces; faces-holdout/ is refused) and every method (no
 defense, uniform noise at the same budget, encoder targeted and untargeted, vae, cw, facelock, facelock with
@@ -20,7 +20,7 @@ import argparse
 import json
 import logging
 import math
-import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -28,31 +28,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-import main_defend
-from edit import DEFAULTS as EDIT_DEFAULTS
-from edit import edit_images, load_editor
-from methods.autoencoder import as_autoencoder
-from methods.faces import FaceDetector
-from methods.transforms import (
-    ColorJitter,
-    Compose,
-    GaussianBlur,
-    GaussianNoise,
-    Identity,
-    PillowJPEG,
-    Quantize,
-    Resize,
-    Transform,
-)
+from methods.models.autoencoder import as_autoencoder
+from methods.models.faces import FaceDetector
+from methods.models.loading import ASSETS_ENV, load_autoencoder, load_face_identity
+from methods.pipeline.editing import edit_images, load_editor, resolve_edit
+from methods.pipeline.options import resolve
+from methods.pipeline.photos import photos_under
+from methods.pipeline.protect import protect_folder
 from utils import (
-    ASSETS_ENV,
     PAPER_PROMPTS,
     UserError,
     atomic_write,
     cpu_generator,
     derive_seed,
-    load_autoencoder,
-    load_face_identity,
     load_image,
     pick_device,
     pil_to_tensor,
@@ -63,70 +51,31 @@ from utils import (
     write_json,
 )
 
-from .metrics.facial import FaceSimilarity
-from .metrics.psnr import psnr
-from .metrics.ssim import ssim
-from .report import grid
-from .runner import nanmean
-from .walker import photos_under
+from ..calibration import default_faces
+from ..cleanups import CLEANUPS
+from ..metrics.base import nanmean
+from ..metrics.facial import FaceSimilarity
+from ..metrics.psnr import psnr
+from ..metrics.ssim import ssim
+from ..report import grid
+from .crops import face_crop
+from .results import write_results
 
 logger = logging.getLogger(__name__)
 
-#: Method label -> main_defend.py options ("none" is the unprotected photo).
+#: Method label -> protection options ("none" is the unprotected photo).
 METHODS = {
     "none": None,
-    "noise": ["--defend_method", "noise"],
-    "encoder": ["--defend_method", "encoder", "--targeted"],
-    "encoder-untargeted": ["--defend_method", "encoder", "--untargeted"],
-    "vae": ["--defend_method", "vae"],
-    "cw": ["--defend_method", "cw"],
-    "facelock": ["--defend_method", "facelock"],
-    "facelock-eot": ["--defend_method", "facelock"],  # plus --eot, below
-    "editshield": ["--defend_method", "editshield"],
-    "diffusion": ["--defend_method", "diffusion"],  # plus --model_id, below: it runs the --editor pipeline
+    "noise": {"defend_method": "noise"},
+    "encoder": {"defend_method": "encoder", "targeted": True},
+    "encoder-untargeted": {"defend_method": "encoder", "targeted": False},
+    "vae": {"defend_method": "vae"},
+    "cw": {"defend_method": "cw"},
+    "facelock": {"defend_method": "facelock"},
+    "facelock-eot": {"defend_method": "facelock"},  # plus --eot, below
+    "editshield": {"defend_method": "editshield"},
+    "diffusion": {"defend_method": "diffusion"},  # plus --model_id, below: it runs the --editor pipeline
 }
-#: The cleanups a protected photo meets before the edit; the result is rounded to 8 bits, as a saved file.
-CLEANUPS: dict[str, Transform] = {
-    "none": Identity(),
-    "jpeg90": PillowJPEG(90),
-    "jpeg75": PillowJPEG(75),
-    "jpeg50": PillowJPEG(50),
-    "resize0.5": Resize(0.5),
-    "blur1": GaussianBlur(1.0),
-    "noise4": GaussianNoise(4.0),
-    "jitter": ColorJitter(brightness=1.1, contrast=0.9, saturation=1.1),
-    "quant5": Quantize(5),
-    "resize0.5+jpeg75": Compose(Resize(0.5), PillowJPEG(75)),
-    "blur1+jpeg75": Compose(GaussianBlur(1.0), PillowJPEG(75)),
-    "noise4+jitter+jpeg90": Compose(GaussianNoise(4.0), ColorJitter(1.1, 0.9, 1.1), PillowJPEG(90)),
-}
-
-
-def face_crop(image: Image.Image, size: int, detector: FaceDetector) -> Image.Image:
-    """A `size`-pixel square around the largest face, scaled so that the face box is about 45 % of the square's
-    height (a centre crop where no face is found)."""
-    x = pil_to_tensor(image)
-    boxes = detector(x).boxes
-    if len(boxes):
-        x0, y0, x1, y1 = boxes[0].tolist()
-        scale = 0.45 * size / max(y1 - y0, 1.0)
-        cx, cy = (x0 + x1) / 2 * scale, (y0 + y1) / 2 * scale
-    else:
-        scale = size / min(image.size)
-        cx, cy = image.width * scale / 2, image.height * scale / 2
-    resized = image.resize((max(round(image.width * scale), 1), max(round(image.height * scale), 1)), Image.LANCZOS)
-    left, top = round(cx - size / 2), round(cy - size / 2)
-    canvas = Image.new("RGB", (size, size))
-    canvas.paste(resized, (-left, -top))
-    if left < 0 or top < 0 or left + size > resized.width or top + size > resized.height:
-        edge = np.asarray(canvas).copy()  # fill what lies outside the photo with its nearest edge pixels
-        rows = np.clip(np.arange(size) + top, 0, resized.height - 1)
-        cols = np.clip(np.arange(size) + left, 0, resized.width - 1)
-        edge[:] = np.asarray(resized)[rows][:, cols]
-        canvas = Image.fromarray(edge)
-    return canvas
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--faces", help=f"folder of face photos (default: ${ASSETS_ENV}/faces)")
@@ -145,14 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--edit_prompts", default="0,13", help="paper prompt indices used with --editor")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attacks, cleanups and edits")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--results", help="also write the tables, with the machine, date and command, to this markdown "
+                                          "file (evaluation/results/protection.md)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    faces = Path(args.faces) if args.faces else Path(os.environ.get(ASSETS_ENV, "")) / "faces"
-    if not args.faces and not os.environ.get(ASSETS_ENV):
-        raise UserError(f"pass --faces, or set {ASSETS_ENV} to a folder holding faces/")
+    faces = Path(args.faces) if args.faces else default_faces()
     methods = [m for m in args.methods.split(",") if m]
     cleanups = [c for c in args.cleanups.split(",") if c]
     unknown = sorted(set(methods) - set(METHODS)) + sorted(set(cleanups) - set(CLEANUPS))
@@ -184,19 +134,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if METHODS[method] is None:
             protected_dirs[method] = photos_dir
             continue
-        extra = ["--eot", args.eot, "--eot_samples", str(args.eot_samples)] if method.endswith("-eot") else []
-        extra += ["--model_id", args.editor] if method == "diffusion" else []
+        extra = {"eot": args.eot, "eot_samples": args.eot_samples} if method.endswith("-eot") else {}
+        extra.update({"model_id": args.editor} if method == "diffusion" else {})
         out = output / "protected" / method
-        main_defend.main(["--image_dir", str(photos_dir), "--output_dir", str(out), *METHODS[method], *extra,
-                          "--attack_budget", str(args.attack_budget), "--num_iters", str(args.num_iters),
-                          "--vae", args.vae, "--fr_model", args.fr_model, "--lpips", "none", "--allow_no_face",
-                          "--seed", str(args.seed), "--device", args.device, "--max_size", "0"])
+        options = resolve(**METHODS[method], **extra, attack_budget=args.attack_budget, num_iters=args.num_iters,
+                          vae=args.vae, fr_model=args.fr_model, lpips="none", allow_no_face=True, seed=args.seed,
+                          device=args.device, max_size=0)
+        protect_folder(options, photos_dir, out, say=print)
         protected_dirs[method] = out / f"budget_{args.attack_budget}"
 
     # 3. clean up, edit, judge
     rows = evaluate(args, device, names, photos_dir, protected_dirs, cleanups, output)
     text = report(rows, methods, cleanups, args) + "".join(f"\n{note}\n" for note in notes)
     atomic_write(output / "protection.md", lambda tmp: tmp.write_text(text))
+    if args.results:
+        write_results(args.results, "Does it work, and does it survive cleanup?", text,
+                      "evaluation.benchmarks.protection", argv, [device])
     print(text)
     print(f"tables, CSV and grid in {output}")
     return 0
@@ -207,9 +160,9 @@ def evaluate(args: argparse.Namespace, device: torch.device, names: list[str], p
     autoencoder = as_autoencoder(load_autoencoder(args.vae, "", device, torch.float32))
     judges = {"attacked": FaceSimilarity(load_face_identity(args.fr_model, device)),
               "heldout": FaceSimilarity(load_face_identity(args.judge, device))}
-    editor, edit_args = None, argparse.Namespace(**{**EDIT_DEFAULTS, "model_id": args.editor, "max_size": 0})
+    editor, edit_options = None, resolve_edit(model_id=args.editor, max_size=0)
     if args.editor:
-        editor = load_editor(edit_args, device, progress=False)
+        editor = load_editor(edit_options, device, progress=False)
     prompts = [int(i) for i in args.edit_prompts.split(",")]
     sources = torch.cat([pil_to_tensor(load_image(photos_dir / f"{n}.png")) for n in names]).to(device)
     for judge in judges.values():
@@ -238,7 +191,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, names: list[str], p
                 scores["edit_heldout"] = []
                 for k, name in enumerate(names):
                     image = Image.fromarray(tensor_to_uint8(cleaned[k]))
-                    edits = [edit_images(editor, edit_args, [image], PAPER_PROMPTS[i],
+                    edits = [edit_images(editor, edit_options, [image], PAPER_PROMPTS[i],
                                          [derive_seed(args.seed, i, name)])[0] for i in prompts]
                     edits_tensor = torch.cat([pil_to_tensor(e) for e in edits]).to(device)
                     values = judges["heldout"].score(edits_tensor, [name] * len(edits)).tolist()
