@@ -96,7 +96,7 @@ def wait(page, session: str, job: str, seconds: float = 120) -> dict:
     while time.monotonic() < deadline:
         status, data = api(page, "GET", f"/api/job?session={session}&job={job}")
         assert status == 200
-        if data["state"] == "done":
+        if data["state"] in ("done", "failed"):
             return data
         time.sleep(0.2)
     raise AssertionError(f"job {job} did not finish in {seconds} s")
@@ -210,6 +210,7 @@ def test_no_traceback_reaches_the_browser(page, tmp_path, monkeypatch):
                                              "preset": "small"})[1]
     result = wait(page, session, job["job"])
     assert result["results"] == [{"name": "face.png", "error": "face.png: the protection failed (secret internals)"}]
+    assert result["state"] == "failed" and result["stage"].startswith("failed")  # not "finished" at 100 %
 
     def unavailable(*args, **kwargs):
         raise UserError("cannot load face model 'mobilefacenet'")
@@ -258,6 +259,177 @@ def test_listens_on_localhost_unless_shared_with_a_warning(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
     assert defend.build_parser().parse_args(["--input_path", "a", "--defend_method", "noise"]).web is False
     assert "--web" in defend.build_parser().format_help()
+
+
+def test_results_speak_plainly_and_say_what_to_do_next(page, tmp_path):
+    session = new_session(page)
+    photo = upload(page, session, face_photo(tmp_path / "face.png").read_bytes(), "face.png")[1]
+    job = api(page, "POST", "/api/protect", {"session": session, "photos": [photo["id"]], "levels": 2,
+                                             "preset": "small"})[1]
+    (entry,) = wait(page, session, job["job"])["results"]
+    words = [entry["conclusion"], entry["next_step"], *entry["judges_in_words"]]
+    assert entry["next_step"] and entry["judges_in_words"] and entry["judges_in_words"][0].startswith(
+        f"{entry['report']['judges'][0]['model']}, a face-recognition model the protection did not attack")
+    assert not any("python -m" in w or "[-1, 1]" in w or "threshold_source" in w for w in words)
+    script = (ROOT / "evaluation" / "web" / "static" / "app.js").read_text()
+    assert "[-1, 1]" not in script and "threshold_source" not in script
+
+
+def test_a_running_job_tells_the_time_left():
+    from evaluation.web.page import Job
+
+    job = Job("j", [], 4, "small", state="running")
+    assert job.seconds_left() is None  # nothing done yet: no guess
+    job.advance(0.25)
+    job.started -= 30  # a quarter done in 30 s
+    assert 85 <= job.seconds_left() <= 95 and job.status()["seconds_left"] == round(job.seconds_left())
+    job.state = "done"
+    assert job.status()["seconds_left"] is None
+
+
+def test_concurrent_uploads_cannot_pass_the_limit(page, tmp_path):
+    session = new_session(page)
+    face = face_photo(tmp_path / "face.png").read_bytes()
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(upload(page, session, face, "face.png")[0]))
+               for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers.count(200) == page.config.max_files and answers.count(413) == 12 - page.config.max_files
+
+
+def test_uploads_are_decoded_one_at_a_time(page, tmp_path, monkeypatch):
+    """However many photos arrive together, one is decoded at a time, so memory does not grow with them."""
+    import evaluation.web.page as page_module
+
+    inside, most = [0], [0]
+    real = page_module.load_image
+
+    def load(path):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.2)  # long enough for the others to arrive
+        try:
+            return real(path)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(page_module, "load_image", load)
+    face = face_photo(tmp_path / "face.png").read_bytes()
+    sessions = [new_session(page) for _ in range(3)]
+    threads = [threading.Thread(target=upload, args=(page, session, face, "face.png")) for session in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and all(len(page.sessions[s].photos) == 1 for s in sessions)
+
+
+def test_animations_and_transparent_pictures_say_how_they_were_read(page, tmp_path):
+    session = new_session(page)
+    face = Image.open(face_photo(tmp_path / "face.png"))
+    buffer = io.BytesIO()
+    face.save(buffer, format="GIF", save_all=True, append_images=[face.rotate(90)], duration=100)
+    status, data = upload(page, session, buffer.getvalue(), "animated.gif")
+    assert status == 200 and data["notes"] == ["it has 2 frames; only the first is protected"]
+    buffer = io.BytesIO()
+    Image.new("RGBA", (160, 160), (10, 20, 30, 0)).save(buffer, format="PNG")
+    status, data = upload(page, session, buffer.getvalue(), "clear.png")
+    assert status == 400 and "fully transparent" in data["error"] and "white" in data["error"]
+
+
+def test_no_preset_that_needs_a_gpu_is_offered_on_a_cpu(page):
+    assert page.device.type == "cpu" and list(page.presets()) == ["small"]
+    assert list(api(page, "GET", "/api/info")[1]["presets"]) == ["small"]
+    session = new_session(page)
+    status, data = api(page, "POST", "/api/protect", {"session": session, "photos": [1], "levels": 2,
+                                                      "preset": "paper"})
+    assert status == 400
+
+
+def small_page(tmp_path: Path, **options):
+    root = tmp_path / "small"
+    root.mkdir()
+    config = PageConfig(protect_options=["--vae", str(root), "--num_iters", "1"], device="cpu", temp_dir=root,
+                        **options)
+    server, state = serve(config, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
+
+
+def test_a_stalled_client_is_dropped_and_idle_sessions_go_on_their_own(tmp_path):
+    import socket
+
+    server, state = small_page(tmp_path, socket_timeout=0.5, session_minutes=0.005)
+    try:
+        stalled = socket.create_connection(server.server_address, timeout=30)
+        stalled.sendall(b"GET / HTTP/1.1\r\n")  # and never the rest
+        assert stalled.recv(1024) == b""  # the server closed it (the client's own timeout is 30 s)
+        stalled.close()
+        session = state.new_session()
+        deadline = time.monotonic() + 60
+        while session.folder.exists() and time.monotonic() < deadline:  # no request comes in the meantime
+            time.sleep(0.1)
+        assert not session.folder.exists() and session.id not in state.sessions
+    finally:
+        server.shutdown()
+        server.server_close()
+        state.close()
+
+
+@pytest.mark.parametrize("port", ["-1", "70000"])
+def test_a_port_that_cannot_be_had_leaves_nothing_behind(tmp_path, monkeypatch, port):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(UserError, match="port"):
+        defend.main(["--web", "--port", port, "--device", "cpu"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signals", [("SIGINT", "SIGINT"), ("SIGTERM",)])
+def test_stopping_the_page_mid_job_stops_the_job_and_deletes_the_uploads(page, tmp_path, signals):
+    """A real process, a job protecting a photo for a long time, and Ctrl+C (twice) or `kill`: the process exits 0
+    at once, and nothing of the user's is left in the temporary folder."""
+    import signal
+    import subprocess
+    import sys
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    root = page.photos
+    command = [sys.executable, "-m", "evaluation.web", "--port", "0", "--device", "cpu", "--judge",
+               str(root / "judge" / "model.onnx"), "--check_vae", str(root / "vae"), "--vae", str(root / "vae"),
+               "--fr_model", str(root / "attacked" / "model.onnx"), "--num_iters", "1000000"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "TMPDIR": str(temp)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("open http://"):
+                break
+        url = line.split()[1]
+        server = type("Server", (), {"url": url})
+        session = new_session(server)
+        photo = upload(server, session, face_photo(tmp_path / "face.png").read_bytes(), "face.png")[1]
+        job = api(server, "POST", "/api/protect", {"session": session, "photos": [photo["id"]], "levels": 2,
+                                                   "preset": "small"})[1]["job"]
+        deadline = time.monotonic() + 300
+        while "iteration" not in api(server, "GET", f"/api/job?session={session}&job={job}")[1]["stage"]:
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.2)
+        assert any(temp.rglob("original-*.png"))  # the user's photo is there while the page runs
+        for name in signals:
+            process.send_signal(getattr(signal, name))
+            time.sleep(0.3)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, "".join(lines) + output
+    assert "stopped; the page's temporary files are deleted" in output and "terminate called" not in output
+    assert not [p for p in temp.iterdir() if p.name.startswith("facelock-page-")]  # (torch may keep a cache there)
 
 
 # ------------------------------------------------------------------------------------------ in a real browser

@@ -29,6 +29,7 @@ from PIL import Image
 from methods.models.faces import FaceDetector, NoFaceError
 from methods.models.loading import load_autoencoder, local_copy
 from methods.pipeline.options import OptionError, ProtectionOptions, flags, resolve
+from methods.pipeline.photos import reading_notes
 from methods.pipeline.protect import Protector
 from methods.progress import observe
 from utils import (
@@ -53,6 +54,8 @@ PAGE_PRESETS = {
     "paper": "the paper's models and step; needs a GPU",
 }
 #: Judges tried in order for the verdicts: the first one the protection did not attack.
+#: Presets too slow without a GPU: not offered on a CPU.
+GPU_PRESETS = ("paper",)
 JUDGE_CANDIDATES = ("mobilefacenet", "mobileface", "facenet", "sface")
 MAX_LEVELS = 16
 DIFFERENCE_GAIN = 16
@@ -74,6 +77,7 @@ class PageConfig:
     max_megapixels: float = 50.0
     session_minutes: float = 60.0
     temp_dir: Path | None = None  # where the page's own temporary folder is made (default: the system's)
+    socket_timeout: float = 60.0  # seconds a connection may stall before the server drops it
 
 
 class PageError(Exception):
@@ -111,15 +115,30 @@ class Job:
     photos: list[Photo]
     levels: int
     preset: str
-    state: str = "queued"  # queued, running, done
+    state: str = "queued"  # queued, running, done, failed (no photo protected)
     stage: str = "waiting for the previous job"
     fraction: float = 0.0
     results: list[dict] = field(default_factory=list)
     archive: str | None = None
+    started: float | None = None  # when the protection itself began (after the models were loaded)
+
+    def advance(self, fraction: float) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+        self.fraction = fraction
+
+    def seconds_left(self) -> float | None:
+        """The time the job still needs at the pace so far; None until a little of it is done."""
+        if self.started is None or self.fraction < 0.02 or self.state not in ("queued", "running"):
+            return None
+        elapsed = time.monotonic() - self.started
+        return elapsed * (1 - self.fraction) / self.fraction
 
     def status(self) -> dict:
+        left = self.seconds_left()
         return {"id": self.id, "state": self.state, "stage": self.stage, "fraction": round(self.fraction, 4),
-                "results": self.results, "archive": self.archive}
+                "seconds_left": None if left is None else round(left), "results": self.results,
+                "archive": self.archive}
 
 
 @dataclass
@@ -131,8 +150,14 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False
 
+    reserved: int = 0  # uploads under way, counted against the limit before they land
+
     def busy(self) -> bool:
-        return any(job.state != "done" for job in self.jobs.values())
+        return any(job.state in ("queued", "running") for job in self.jobs.values())
+
+
+class Cancelled(Exception):
+    """The page is stopping (or the job's tab has closed): the job ends at its next step."""
 
 
 class Page:
@@ -147,7 +172,8 @@ class Page:
         self.root = Path(tempfile.mkdtemp(prefix="facelock-page-", dir=config.temp_dir))
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
-        self.detector_lock = threading.Lock()
+        self.decode_lock = threading.Lock()  # one upload is decoded at a time, so memory stays bounded
+        self.stopping = threading.Event()
         self.detector = FaceDetector()
         self.jobs: queue.Queue[tuple[Session, Job] | None] = queue.Queue()
         self.counter = itertools.count(1)
@@ -156,6 +182,8 @@ class Page:
         self._check_autoencoder: torch.nn.Module | None = None
         self.worker = threading.Thread(target=self._work, name="facelock-page-worker", daemon=True)
         self.worker.start()
+        self.reaper = threading.Thread(target=self._reap, name="facelock-page-reaper", daemon=True)
+        self.reaper.start()
 
     # -------------------------------------------------------------------------------------------- models
     def protection_options(self, preset: str, levels: int) -> ProtectionOptions:
@@ -174,6 +202,11 @@ class Page:
             self._protector = None  # free the previous models first
             self._protector = (key, Protector(self.protection_options(preset, levels), self.device, progress=False))
         return self._protector[1]
+
+    def presets(self) -> dict[str, str]:
+        """The presets this computer can run: without a GPU, not those that need one."""
+        return {name: expect for name, expect in PAGE_PRESETS.items()
+                if self.device.type != "cpu" or name not in GPU_PRESETS}
 
     def judge_spec(self, attacked: str) -> str:
         if self.config.judges:
@@ -204,7 +237,7 @@ class Page:
             return path.parent.name if path.suffix == ".onnx" else path.name
 
         presets = {}
-        for preset, expect in PAGE_PRESETS.items():
+        for preset, expect in self.presets().items():
             chosen = self.protection_options(preset, 4)
             vae = where(chosen.vae) if chosen.vae else f"{chosen.model_id} (its vae/)"
             lpips = "LPIPS-VGG" if chosen.lpips == "vgg" else "no LPIPS"
@@ -256,10 +289,19 @@ class Page:
         for session_id in stale:
             self.end_session(session_id)
 
-    def close(self) -> None:
+    def _reap(self) -> None:
+        """End idle sessions on a clock of their own, not only when another request comes."""
+        while not self.stopping.wait(min(60.0, self.config.session_minutes * 15)):
+            self.expire()
+
+    def close(self, wait: float = 30.0) -> bool:
+        """Stop: the job in progress ends at its next step, queued ones are dropped, and every file of the page is
+        deleted. Returns whether the worker stopped within `wait` seconds (the files are deleted either way)."""
+        self.stopping.set()
         self.jobs.put(None)
-        self.worker.join(timeout=60)
+        self.worker.join(timeout=wait)
         shutil.rmtree(self.root, ignore_errors=True)
+        return not self.worker.is_alive()
 
     # -------------------------------------------------------------------------------------------- uploads
     def upload(self, session: Session, raw_name: str, length: int, read) -> dict:
@@ -269,32 +311,50 @@ class Page:
         if length > limit:
             raise PageError(f"{name} is too large ({length / 1e6:.1f} MB); the page takes photos up to "
                             f"{self.config.max_upload_mb:g} MB", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        if len(session.photos) >= self.config.max_files:  # uploaded and not yet protected
-            raise PageError(f"too many photos: the page takes up to {self.config.max_files} at a time (reload the "
-                            f"page to start again)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        with self.lock:  # uploaded and not yet protected, and those on their way: a race cannot pass the limit
+            if len(session.photos) + session.reserved >= self.config.max_files:
+                raise PageError(f"too many photos: the page takes up to {self.config.max_files} at a time (reload "
+                                f"the page to start again)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            session.reserved += 1
+        try:
+            return self._store(session, name, length, read)
+        finally:
+            with self.lock:
+                session.reserved -= 1
+
+    def _store(self, session: Session, name: str, length: int, read) -> dict:
         photo_id = next(self.counter)
         upload = session.folder / f"upload-{photo_id}"
         upload.write_bytes(read(length))
         try:
-            width, height = image_size(upload)
-            if width * height > self.config.max_megapixels * 1e6:
-                raise PageError(f"{name} is too large ({width}x{height}, {width * height / 1e6:.0f} megapixels); "
-                                f"the page takes up to {self.config.max_megapixels:g} megapixels")
-            try:
-                image = load_image(upload)
-            except InputError as error:
-                raise PageError(str(error).replace(str(upload), name)) from None
-            with self.detector_lock, torch.no_grad():
-                faces = self.detector(fit_long_side(pil_to_tensor(image), 1024))
-            if not len(faces.index):
-                raise PageError(f"no face found in {name}: the protection hides a face from face recognition; "
-                                f"choose a photo where a face is clearly visible")
+            with self.decode_lock:
+                image, notes = self._decode(upload, name)
             path = session.folder / f"original-{photo_id}.png"
             save_png(np.asarray(image), path)
         finally:
             upload.unlink(missing_ok=True)
-        session.photos[photo_id] = Photo(photo_id, name, path)
-        return {"id": photo_id, "name": name, "width": image.width, "height": image.height}
+        with self.lock:
+            session.photos[photo_id] = Photo(photo_id, name, path)
+        return {"id": photo_id, "name": name, "width": image.width, "height": image.height, "notes": notes}
+
+    def _decode(self, upload: Path, name: str) -> tuple[Image.Image, list[str]]:
+        """The uploaded photo, checked (size, face), with what a person should know about how it was read."""
+        width, height = image_size(upload)
+        if width * height > self.config.max_megapixels * 1e6:
+            raise PageError(f"{name} is too large ({width}x{height}, {width * height / 1e6:.0f} megapixels); "
+                            f"the page takes up to {self.config.max_megapixels:g} megapixels")
+        try:
+            image = load_image(upload)
+        except InputError as error:
+            raise PageError(str(error).replace(str(upload), name)) from None
+        notes = reading_notes(upload)
+        with torch.no_grad():
+            faces = self.detector(fit_long_side(pil_to_tensor(image), 1024))
+        if not len(faces.index):
+            why = f" ({'; '.join(notes)})" if notes else ""
+            raise PageError(f"no face found in {name}{why}: the protection hides a face from face recognition; "
+                            f"choose a photo where a face is clearly visible")
+        return image, notes
 
     def submit(self, session: Session, request: dict) -> Job:
         ids = request.get("photos")
@@ -303,8 +363,8 @@ class Page:
         levels, preset = request.get("levels"), request.get("preset")
         if not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
             raise PageError(f"the strength must be a whole number of levels from 1 to {MAX_LEVELS} (in 1/255)")
-        if preset not in PAGE_PRESETS:
-            raise PageError(f"unknown preset; choose one of {', '.join(PAGE_PRESETS)}")
+        if preset not in self.presets():
+            raise PageError(f"unknown preset here; choose one of {', '.join(self.presets())}")
         job = Job(secrets.token_urlsafe(9), [session.photos.pop(i) for i in dict.fromkeys(ids)], levels, preset)
         with self.lock:
             session.jobs[job.id] = job
@@ -321,12 +381,20 @@ class Page:
             job.state = "running"
             try:
                 self._run(session, job)
+            except Cancelled:
+                job.results.append({"error": "stopped before it finished"})
             except Exception as error:  # the page goes on; the browser gets one line, the terminal the traceback
                 logger.exception("job %s failed", job.id)
                 job.results.append({"error": one_line(error)})
             finally:
-                job.state, job.fraction = "done", 1.0
-                job.stage = "finished" if not session.closed else "session ended"
+                protected = any("protected" in result for result in job.results)
+                job.state, job.fraction = ("done" if protected else "failed"), 1.0
+                if session.closed:
+                    job.stage = "session ended"
+                elif protected:
+                    job.stage = "finished"
+                else:
+                    job.stage = "failed: no photo could be protected (the reasons are above)"
                 if session.closed:
                     self.end_session(session.id)
 
@@ -336,17 +404,21 @@ class Page:
         protector = self.protector(job.preset, job.levels)
         written = []
         for k, photo in enumerate(job.photos):
-            if session.closed:
-                return
+            if session.closed or self.stopping.is_set():
+                raise Cancelled
 
             def follow(desc: str, done: int, total: int | None, k: int = k) -> None:
+                if self.stopping.is_set() or session.closed:
+                    raise Cancelled  # raised inside the attack's loop: the job ends at its next step
                 if total:
-                    job.fraction = (k + 0.9 * done / total) / count
+                    job.advance((k + 0.9 * done / total) / count)
                     job.stage = f"protecting photo {k + 1} of {count}: iteration {done} of {total}"
 
             job.stage = f"protecting photo {k + 1} of {count}"
             try:
                 result = self._protect(session, job, k, protector, follow)
+            except Cancelled:
+                raise
             except (UserError, NoFaceError, PageError) as error:
                 result = {"name": photo.name, "error": f"{photo.name}: {one_line(error)}"}
             except Exception as error:
@@ -379,7 +451,8 @@ class Page:
         except (UserError, NoFaceError) as error:
             result["conclusion"] = f"not checked: {one_line(error)}"
         else:
-            result.update(report=report, conclusion=conclusion(report))
+            result.update(report=report, conclusion=conclusion(report), next_step=next_step(report, job.levels),
+                          judges_in_words=[judge_in_words(judge) for judge in report["judges"]])
         return result
 
     def _archive(self, session: Session, job: Job, written: list[tuple[Photo, Path]]) -> str:
@@ -395,6 +468,32 @@ class Page:
                 used.add(entry)
                 archive.write(path, entry)
         return name
+
+
+def next_step(report: dict, levels: int) -> str:
+    """What a person can do after the verdict, in plain words."""
+    summary = report["summary"]
+    if all(v == "not recognised" for v in summary.values()):
+        return ("The face was not recognised in any of the ways of sharing tried. No protection is a guarantee: other "
+                "editors and face models may still recognise it.")
+    if all(v == "unknown" for v in summary.values()):
+        return "The check could not give a verdict here; the protected photo is still written and can be downloaded."
+    stronger = min(2 * levels, MAX_LEVELS)
+    if stronger > levels:
+        return (f"Try a stronger setting (for example {stronger} of {MAX_LEVELS}): the change is more visible but "
+                f"survives more editing. The verdict means that a face-recognition model still matched the edited "
+                f"photo to you in the ways of sharing marked 'recognised'.")
+    return ("This is already the strongest setting. The verdict means that a face-recognition model still matched the "
+            "edited photo to you in the ways of sharing marked 'recognised'; the protection cannot promise more.")
+
+
+def judge_in_words(judge: dict) -> str:
+    """Which face model gave the verdicts and how much its threshold can be trusted, for a person."""
+    if judge["threshold"] is None:
+        return f"{judge['model']} judged the face, but no threshold is known for it here, so it gives no verdict."
+    return (f"{judge['model']}, a face-recognition model the protection did not attack, judged the face: it calls a "
+            f"similarity above {judge['threshold']:.2f} the same person, a line that mistakes about {judge['far']:.0%} "
+            f"of strangers for the person.")
 
 
 def one_line(error: BaseException) -> str:

@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
-import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +38,9 @@ from utils import UserError
 from .page import API_HEADER, JSON_LIMIT, Page, PageConfig, PageError, download_stem, one_line
 
 logger = logging.getLogger(__name__)
+
+#: Seconds the page waits, when stopped, for the photo in progress to reach its next step.
+STOP_SECONDS = 20.0
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -74,6 +77,7 @@ class Body:
 def make_handler(page: Page, allowed_hosts: set[str] | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "facelock-page"
+        timeout = page.config.socket_timeout  # a stalled or slow client is dropped instead of holding a thread
         sys_version = ""
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
@@ -214,13 +218,19 @@ def make_handler(page: Page, allowed_hosts: set[str] | None) -> type[BaseHTTPReq
 
 
 def serve(config: PageConfig, host: str = "127.0.0.1", port: int = 7860) -> tuple[ThreadingHTTPServer, Page]:
-    """Start the page's server (not yet serving: call `serve_forever`, e.g. in a thread). Port 0: any free port."""
-    page = Page(config)
+    """Start the page's server (not yet serving: call `serve_forever`, e.g. in a thread). Port 0: any free port.
+    The port is taken before the page makes its temporary folder, so a port that cannot be had leaves nothing."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a port is a number from 0 (any free one) to 65535")
     try:
         server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
-    except OSError as error:
-        page.close()
+    except (OSError, OverflowError) as error:
         raise UserError(f"cannot listen on {host}:{port} ({error}); choose another --port") from None
+    try:
+        page = Page(config)
+    except BaseException:
+        server.server_close()
+        raise
     port = server.server_address[1]
     loopback = host in ("127.0.0.1", "localhost", "::1")
     allowed = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"} if loopback else None
@@ -252,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, protect_options = build_parser().parse_known_args(argv)
-    if min(args.max_files, args.max_upload_mb, args.max_megapixels, args.session_minutes) <= 0:
+    if not all(value > 0 for value in (args.max_files, args.max_upload_mb, args.max_megapixels, args.session_minutes)):
         raise UserError("--max_files, --max_upload_mb, --max_megapixels and --session_minutes must be > 0")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: a port is a number from 0 (any free one) to 65535")
     config = PageConfig(protect_options=protect_options, judges=args.judge, check_vae=args.check_vae,
                         device=args.device, max_files=args.max_files, max_upload_mb=args.max_upload_mb,
                         max_megapixels=args.max_megapixels, session_minutes=args.session_minutes)
@@ -266,12 +278,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"protecting photos on {page.device}; default preset {page.default_preset}; temporary files in "
           f"{page.root} (deleted at the end)")
     print(f"open http://127.0.0.1:{port} in a browser (Ctrl+C stops the page)", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` cleans up as Ctrl+C does
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C and `kill`, even where Ctrl+C came in ignored
+        signal.signal(signum, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopped; the page's temporary files are deleted")
+        pass
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl+C must not cut the clean-up short
+            signal.signal(signum, signal.SIG_IGN)
         server.server_close()
-        page.close()
+        stopped = page.close(wait=STOP_SECONDS)
+        print("stopped; the page's temporary files are deleted", flush=True)
+        if not stopped:  # the worker is still inside a model's code: leave without waiting for it
+            os._exit(0)
     return 0
+
+
+def stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

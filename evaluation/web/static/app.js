@@ -16,6 +16,7 @@ function element(tag, text, className) {
 }
 
 function showError(message) { $("errors").appendChild(element("li", message)); }
+function showNote(message) { $("notes").appendChild(element("li", message)); }
 
 async function call(method, url, body, headers) {
   let response;
@@ -32,7 +33,8 @@ async function call(method, url, body, headers) {
 
 function budgetLabel() {
   const levels = Number($("budget").value);
-  $("budget-label").textContent = `${levels}/255 (${(levels / 127.5).toFixed(3)} in [-1, 1] units)`;
+  $("budget-label").textContent = `${levels} of ${$("budget").max}: each colour of a pixel moves by at most ` +
+    `${levels} of its 255 steps`;
 }
 
 async function start() {
@@ -62,7 +64,8 @@ async function start() {
 function done() { $("protect").disabled = false; }
 
 async function protect() {
-  for (const id of ["errors", "results", "archive"]) $(id).replaceChildren();
+  for (const id of ["errors", "notes", "results", "archive"]) $(id).replaceChildren();
+  $("status").classList.remove("failed");
   const files = Array.from($("files").files);
   if (!files.length) { showError("choose one or more photos first"); return; }
   $("protect").disabled = true;
@@ -78,6 +81,7 @@ async function protect() {
       const photo = await call("POST", `/api/upload?session=${encodeURIComponent(session)}`, file,
         { "X-File-Name": encodeURIComponent(file.name), "Content-Type": "application/octet-stream" });
       ids.push(photo.id);
+      for (const note of photo.notes || []) showNote(`${photo.name}: ${note}`);
     } catch (error) { showError(error.message); }
   }
   if (!ids.length) { done(); return; }
@@ -92,8 +96,13 @@ async function follow(job) {
   for (;;) {
     const status = await call("GET", `/api/job?session=${encodeURIComponent(session)}&job=${job}`);
     $("progress").value = status.fraction;
-    $("stage").textContent = status.stage;
-    if (status.state === "done") { show(status); done(); return; }
+    const left = status.seconds_left;
+    $("stage").textContent = left === null || left === undefined ? status.stage :
+      `${status.stage} (about ${left < 90 ? `${Math.max(left, 1)} s` : `${Math.round(left / 60)} min`} left)`;
+    if (status.state === "done" || status.state === "failed") {
+      if (status.state === "failed") $("status").classList.add("failed");
+      show(status); done(); return;
+    }
     await new Promise((resolve) => setTimeout(resolve, 1000));
   }
 }
@@ -131,7 +140,8 @@ function show(status) {
       figure(fileUrl(result.difference), `difference x${result.difference_gain} (grey: unchanged)`));
     card.appendChild(images);
     card.appendChild(element("p", result.conclusion, "conclusion"));
-    if (report) card.appendChild(verdicts(report));
+    if (result.next_step) card.appendChild(element("p", result.next_step, "next"));
+    if (report) card.appendChild(verdicts(report, result.judges_in_words || []));
     const link = element("a", `Download ${result.download}`, "download");
     link.href = fileUrl(result.protected, result.download);
     link.download = result.download;
@@ -140,7 +150,7 @@ function show(status) {
   }
 }
 
-function verdicts(report) {
+function verdicts(report, judges) {
   const part = element("div");
   const table = element("table", null, "verdicts");
   const head = element("tr");
@@ -156,11 +166,7 @@ function verdicts(report) {
     table.appendChild(line);
   }
   part.appendChild(table);
-  for (const judge of report.judges) {
-    const threshold = judge.threshold === null ? "" : `threshold ${judge.threshold} at ${judge.far * 100}% ` +
-      "false accepts; ";
-    part.appendChild(element("p", `${judge.model}: ${threshold}${judge.threshold_source}`, "hint"));
-  }
+  for (const words of judges) part.appendChild(element("p", words, "hint"));
   return part;
 }
 
