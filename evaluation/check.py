@@ -30,6 +30,7 @@ from PIL import Image
 from methods.models import loading
 from methods.models.autoencoder import as_autoencoder
 from methods.models.loading import ASSETS_ENV, load_autoencoder, load_face_identity, local_copy
+from methods.pipeline.options import MAX_BUDGET
 from utils import InputError, UserError, linf_255, load_image, pick_device, pil_to_tensor, run_script
 
 from .calibration import Calibration, calibrate, labelled_photos, model_digest, read_thresholds
@@ -42,6 +43,8 @@ THRESHOLDS = Path(__file__).resolve().parents[1] / "assets" / "thresholds.json"
 #: The face model the small preset (and the web page) protects against; a judge must be another.
 PROTECTION_FR_MODEL = "sface"
 EDITOR_VAE = "madebyollin/taesd"
+#: The lowest PSNR (dB) a protection of this toolkit leaves: its largest budget, `MAX_BUDGET`, on every pixel.
+LOWEST_PSNR = 20 * math.log10(2 / MAX_BUDGET)
 
 
 @dataclass
@@ -144,6 +147,8 @@ class Checker:
             judge.similarity.add_sources(["original"], reference)
             if judge.similarity.sources["original"] is None:
                 raise InputError("no face found in the original photo; the check compares faces")
+        if protected is not None:
+            self.refuse_other_photos(original, protected)
         subject = pil_to_tensor(protected if protected is not None else original)
         results = []
         for sharing, share in SHARING.items():
@@ -163,6 +168,27 @@ class Checker:
             quality = psnr(pil_to_tensor(protected), pil_to_tensor(original)).item()
             report["psnr"] = round(quality, 2) if math.isfinite(quality) else None
         return report
+
+
+    def refuse_other_photos(self, original: Image.Image, protected: Image.Image) -> None:
+        """Raise `InputError` (one line) where the "protected copy" changes the photo more than any protection can
+        (a PSNR below `LOWEST_PSNR`, what the largest budget gives on every pixel): it is another picture, and its
+        verdicts would count as protection what is not. Says whether it shows another person's face."""
+        quality = psnr(pil_to_tensor(protected), pil_to_tensor(original)).item()
+        if quality >= LOWEST_PSNR:
+            return
+        what = f"PSNR {quality:.1f} dB, L-inf {linf_255(np.asarray(protected), np.asarray(original))}/255"
+        judge = self.judges[0]
+        similarity = float(judge.similarity.score(fit_long_side(pil_to_tensor(protected), self.max_size),
+                                                  ["original"])[0])
+        if math.isnan(similarity):
+            face = "it shows no face"
+        elif judge.calibration is not None and not judge.calibration.recognised(similarity):
+            face = f"it shows another person's face ({judge.name} similarity {similarity:.3f})"
+        else:
+            face = "it is far more changed than a protection changes a photo"
+        raise InputError(f"the protected copy is not a protected copy of this photo: {face} ({what}; any protection "
+                         f"of this toolkit stays above {LOWEST_PSNR:.1f} dB)")
 
 
 def summarise(results: list[dict]) -> dict[str, str]:

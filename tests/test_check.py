@@ -72,6 +72,20 @@ def test_a_protected_copy_reports_its_visibility_and_must_match_the_original():
         check.Checker(IdentityVAE(), [judge()], "identity")(original, photo(size=(96, 96)))
 
 
+def test_a_copy_that_no_protection_could_give_is_refused_and_another_face_is_named():
+    original = photo(seed=1)
+    checker = check.Checker(IdentityVAE(), [judge(threshold=1.01)], "identity")  # recognises no face
+    black = Image.new("RGB", original.size)
+    with pytest.raises(InputError, match="not a protected copy of this photo.*PSNR .* any protection .* 18.1 dB") as no:
+        checker(original, black)
+    assert "\n" not in str(no.value)
+    with pytest.raises(InputError, match="shows another person's face"):  # another picture of the same size
+        checker(original, photo(seed=2))
+    strongest = np.clip(np.asarray(original).astype(int) + np.where(np.arange(original.width) % 2, 31, -31)[None, :,
+                        None], 0, 255).astype(np.uint8)  # the largest budget, 0.25 (31/255), on every pixel
+    assert checker(original, Image.fromarray(strongest))["linf_255"] == 31  # still a copy: judged, not refused
+
+
 def test_faces_missing_and_thresholds_missing_are_said_plainly():
     nobody = lambda images: Faces(torch.zeros(0, dtype=torch.long), torch.zeros(0, 4),  # noqa: E731
                                   torch.zeros(0, 5, 2), len(images))
