@@ -19,6 +19,7 @@ from methods import get_method
 from methods.models.faces import NoFaceError
 from methods.pipeline.options import add_protection_arguments, budget_in_255, create_argparser, parse
 from methods.pipeline.protect import Protector, configure_backends, learn_mask, saved_mask_note
+from methods.pipeline.runs import check_writable
 from utils import UserError, derive_seed, load_image, pick_device, png_output, run_script, save_png
 
 
@@ -38,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--web" in argv:
         from evaluation.web import server
 
+        stray = sorted({a.split("=")[0] for a in argv} & {"--input_path", "--output_path"})
+        if stray:
+            raise UserError(f"--web starts the page, where photos are chosen in the browser: drop "
+                            f"{' and '.join(stray)}")
         return server.main([a for a in argv if a != "--web"])
     args = parse(build_parser(), argv)
     options = args.options
@@ -54,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     learning = get_method(options.defend_method).learns and not options.mask
     if learning and mask_path.exists() and not options.overwrite:
         raise UserError(f"{mask_path} exists; apply it with --mask {mask_path}, or pass --overwrite to learn anew")
+    check_writable(output.parent)
     device = pick_device(options.device)
     configure_backends(options)
     protector = Protector(options, device)

@@ -26,11 +26,13 @@ from methods.pipeline.editing import (
     parse_edit,
     protect_edit_images,
 )
+from methods.pipeline.options import Parser
+from methods.pipeline.runs import check_writable
 from utils import UserError, load_image, pick_device, png_output, read_prompts, run_script, same_file, save_png
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input_path", required=True, help="the photo to edit")
     parser.add_argument("--output_path", help="where to write the edit (default: edit_<name>.png beside the input)")
     parser.add_argument("--clean_output_path", help="with --protect_identity, where to write the unprotected edit "
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{' and '.join(map(str, outputs))} exist; nothing to do (pass --overwrite to replace them)")
         return 0
 
+    for folder in sorted({path.parent for path in outputs}):
+        check_writable(folder)
     device = pick_device(options.device)
     pipe = load_editor(options, device)
     seed = edit_seed(options.seed, key, source.stem)

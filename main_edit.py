@@ -22,12 +22,12 @@ import argparse
 from typing import Sequence
 
 from methods.pipeline.editing import add_edit_arguments, edit_folder, parse_edit
+from methods.pipeline.options import Parser
 from utils import run_script
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src_dir", required=True, help="folder of photos to edit (e.g. protected/budget_0.03)")
     parser.add_argument("--edit_dir", required=True, help="folder for the edits (seed{S}/prompt{i}/ inside)")
     parser.add_argument("--prompt_indices", help="edit with these prompts only, e.g. 0,13,19 (default: all)")

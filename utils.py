@@ -229,12 +229,17 @@ def list_images(folder: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- writing
 
+#: How the temporary files of `atomic_write` begin and end (`.facelock-<name>.<random>.tmp`), so that a later run
+#: removes only its own leftovers.
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".facelock-", ".tmp"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then move it into place in one step, so a reader
     (or a crash) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # the mode of a file written normally, not mkstemp's owner-only one
     try:

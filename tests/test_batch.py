@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, write_photo
-from methods.pipeline.runs import BatchRun, process_device
+from methods.pipeline.runs import BackgroundWriter, BatchRun, check_writable, process_device
 from utils import UserError, load_image
 
 
@@ -36,19 +36,50 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         process_device("cuda", 0, 0)
 
 
-def test_a_new_run_removes_temporaries_left_by_a_killed_one(tmp_path):
+def test_a_new_run_removes_temporaries_left_by_a_killed_one_and_nothing_else(tmp_path):
     folder = tmp_path / "out"
     (folder / "prompt0").mkdir(parents=True)
-    stale = [folder / ".a.png.k2j3.tmp", folder / "prompt0" / ".b.png.x9.tmp"]
-    for path in stale:
+    stale = [folder / ".facelock-a.png.k2j3.tmp", folder / "prompt0" / ".facelock-b.png.x9.tmp"]
+    users = [folder / ".notes.tmp", folder / "prompt0" / ".draft.png.x9.tmp"]  # not the toolkit's
+    for path in [*stale, *users]:
         path.write_bytes(b"half a file")
         os.utime(path, (time.time() - 60, time.time() - 60))
     kept = folder / "a.png"
     kept.write_bytes(b"done")
     BatchRun(folder, {"p": 1}, ["p"], overwrite=False, device="cpu")
-    assert not any(path.exists() for path in stale) and kept.exists()
+    assert not any(path.exists() for path in stale) and kept.exists() and all(path.exists() for path in users)
 
 
+def test_a_finished_output_is_in_the_manifest_on_disk_as_soon_as_it_is_written(tmp_path):
+    """A run killed at any point after an output landed keeps it: the writer records and saves at once."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    run = BatchRun(folder, {"p": 1}, ["p"], overwrite=False, device="cpu")
+    with BackgroundWriter() as writer:
+        writer.submit(lambda: (folder / "a.png").write_bytes(b"png"), lambda: run.record("a.png", {"source": "a"}))
+        writer._queue[0].result()  # the write and its record are done; nothing else has run on this thread
+        on_disk = json.loads((folder / "manifest.json").read_text())
+    assert on_disk["outputs"] == {"a.png": {"source": "a"}}
+
+
+@pytest.mark.parametrize("contents", ['{"outputs": ', '[1, 2]', '{"outputs": {"a.png": 3}}', '{"failed": []}'])
+def test_a_damaged_manifest_is_one_clear_error_and_overwrite_starts_afresh(tmp_path, contents):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(contents)
+    with pytest.raises(UserError, match="manifest.json is not a manifest .*--overwrite"):
+        BatchRun(folder, {"p": 1}, ["p"], overwrite=False, device="cpu")
+    assert BatchRun(folder, {"p": 1}, ["p"], overwrite=True, device="cpu").manifest["outputs"] == {}
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("in the way")
+    for folder in (blocked, blocked / "budget_0.03"):
+        with pytest.raises(UserError, match=f"cannot write to {folder} "):
+            check_writable(folder)
+    check_writable(tmp_path / "new" / "budget_0.03")  # made where it does not exist yet
+    assert (tmp_path / "new" / "budget_0.03").is_dir() and not list((tmp_path / "new" / "budget_0.03").iterdir())
 #: A machine with one GPU, as the processes see it: torch reports one CUDA device, and a barrier that names a GPU
 #: beyond it fails as CUDA does ("invalid device ordinal").
 FAKE_GPU = """

@@ -167,3 +167,14 @@ def test_the_quick_start_protects_the_astronaut_offline_with_the_bundled_models(
             assert np.abs(np.asarray(load_image(path), dtype=int) - clean).max() <= 3  # the budget, 0.03
             scores[label] = face(autoencoder(pil_to_tensor(load_image(path))).clamp(-1, 1), reference).item()
     assert scores["protected"] < scores["noise"] - 0.3, scores
+
+
+def test_a_truncated_autoencoder_is_one_line_error(tiny_vae_dir, tmp_path):
+    damaged = tmp_path / "vae"
+    damaged.mkdir()
+    for item in tiny_vae_dir.iterdir():
+        data = item.read_bytes()
+        (damaged / item.name).write_bytes(data[: len(data) // 3] if item.suffix == ".safetensors" else data)
+    with pytest.raises(ModelUnavailable, match="cannot load the autoencoder of .* may be damaged") as raised:
+        loading.load_autoencoder(str(damaged), "", torch.device("cpu"), torch.float32)
+    assert "\n" not in str(raised.value)

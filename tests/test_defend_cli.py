@@ -244,17 +244,38 @@ def test_main_defend_refuses_to_write_into_its_input_folder(tmp_path, tiny_vae_d
                           "--vae", str(tiny_vae_dir)])
 
 
-def test_main_defend_names_colliding_outputs(tmp_path, tiny_vae_dir):
+def test_inputs_that_share_a_stem_each_get_an_output_of_their_own(tmp_path, tiny_vae_dir):
     images = tmp_path / "photos"
     images.mkdir()
     write_photo(images / "x.jpg")
     write_photo(images / "x.png", seed=5)
+    write_photo(images / "y.png", seed=6)
     out = tmp_path / "out"
     assert main_defend.main(["--image_dir", str(images), "--output_dir", str(out), "--defend_method", "vae",
-                             "--vae", str(tiny_vae_dir), *FAST]) == 1
+                             "--vae", str(tiny_vae_dir), *FAST]) == 0
     manifest = json.loads((out / "budget_0.03" / "manifest.json").read_text())
-    assert manifest["outputs"]["x.png"]["source"] == str(images / "x.jpg")
-    assert "same output name" in manifest["failed"][str(images / "x.png")]
+    assert {name: entry["source"] for name, entry in manifest["outputs"].items()} == {
+        "x_jpg.png": str(images / "x.jpg"), "x_png.png": str(images / "x.png"), "y.png": str(images / "y.png")}
+    assert not manifest["failed"]
+
+
+def test_a_photo_replaced_under_the_same_name_is_protected_again(tmp_path, tiny_vae_dir, capsys):
+    images = tmp_path / "photos"
+    images.mkdir()
+    write_photo(images / "me.png", seed=1)
+    write_photo(images / "other.png", seed=2)
+    out = tmp_path / "out"
+    argv = ["--image_dir", str(images), "--output_dir", str(out), "--defend_method", "vae", "--vae",
+            str(tiny_vae_dir), *FAST]
+    assert main_defend.main(argv) == 0
+    kept = (out / "budget_0.03" / "other.png").stat().st_mtime_ns
+    write_photo(images / "me.png", seed=9)  # another picture under the same name
+    capsys.readouterr()
+    assert main_defend.main(argv) == 0
+    assert "1 already protected, 1 to do" in capsys.readouterr().out
+    protected = np.asarray(Image.open(out / "budget_0.03" / "me.png")).astype(int)
+    assert np.abs(protected - np.asarray(load_image(images / "me.png")).astype(int)).max() <= 3  # the new picture
+    assert (out / "budget_0.03" / "other.png").stat().st_mtime_ns == kept
 
 
 def test_parallel_processes_split_the_folder(tmp_path, tiny_vae_dir):
@@ -346,3 +367,48 @@ def test_backend_switches_follow_the_flags(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = torch.backends.cudnn.benchmark = False
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--step_size", "nan"], "--step_size must be a finite number"),
+    (["--c", "nan"], "--c must be a finite number"),
+    (["--momentum", "nan"], "--momentum must be a finite number"),
+    (["--target_fr", "nan"], "--target_fr must be a finite number"),
+    (["--attack_budget", "1e-9"], "less than one 8-bit level"),
+    (["--norm", "l2", "--attack_budget", "inf"], "--attack_budget must be a finite number"),
+    (["--norm", "l2", "--attack_budget", "nan"], "--attack_budget must be a finite number"),
+    (["--norm", "l2", "--attack_budget", "1e9"], "longer than any photo attacked at --max_size 1024 can take"),
+    (["--device", "banana"], "--device banana: not a device"),
+    (["--targeted", "--untargeted"], "not allowed with argument"),
+    (["--max_size", "1"], "--max_size must be 0 (full size) or at least 64 px"),
+    (["--c", "-1"], "--c and --fidelity_weight must be >= 0"),
+])
+def test_nonsense_is_refused_in_one_line_before_any_work(tmp_path, capsys, flags, message):
+    source = write_photo(tmp_path / "photo.png")
+    with pytest.raises(SystemExit) as exited:
+        defend.main(["--input_path", str(source), "--defend_method", "facelock", "--vae", "/nowhere", *flags])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.count("\n") == 1 and error.startswith("error: ") and message in error
+    assert not (tmp_path / "photo_protected.png").exists()
+
+
+def test_an_l2_budget_longer_than_the_photo_can_take_is_refused_before_the_attack(tmp_path, tiny_vae_dir):
+    source = write_photo(tmp_path / "photo.png", size=(96, 80))  # at most 0.25 * sqrt(3 * 96 * 80) = 38 long
+    with pytest.raises(UserError, match="L2 budget 100.0 is longer than this photo's work image"):
+        defend.main(["--input_path", str(source), "--defend_method", "vae", "--vae", str(tiny_vae_dir), "--norm",
+                     "l2", "--attack_budget", "100", "--max_size", "0", *FAST])
+    assert not (tmp_path / "photo_protected.png").exists()
+
+
+def test_web_with_a_photo_and_an_output_that_cannot_be_written_are_refused(tmp_path, tiny_vae_dir):
+    with pytest.raises(UserError, match="--web starts the page.*drop --input_path"):
+        defend.main(["--web", "--input_path", "a.png"])
+    source = write_photo(tmp_path / "photo.png")
+    blocked = tmp_path / "file"
+    blocked.write_text("in the way")
+    with pytest.raises(UserError, match="cannot write to"):
+        defend.main(["--input_path", str(source), "--output_path", str(blocked / "out.png"), "--defend_method", "vae",
+                     "--vae", str(tiny_vae_dir), *FAST])
+    with pytest.raises(UserError, match="cannot write to"):
+        main_defend.main(["--image_dir", str(tmp_path), "--output_dir", str(blocked), "--defend_method", "vae",
+                          "--vae", str(tiny_vae_dir), *FAST])

@@ -180,3 +180,32 @@ def test_a_comma_separated_fr_model_loads_each_model_once_as_an_ensemble(tmp_pat
     assert isinstance(loading.load_face_identity(str(first), torch.device("cpu")), FaceIdentity)
     with pytest.raises(loading.ModelUnavailable, match="different face models"):
         loading.load_face_identity(f"{first},{first}", torch.device("cpu"))
+
+
+def test_damaged_or_foreign_face_models_and_cards_are_one_line_errors(tmp_path):
+    from methods.models.loading import load_face_identity
+    from utils import ModelUnavailable
+
+    good = export_tiny_onnx_face_model(tmp_path / "good")
+    truncated = tmp_path / "truncated" / "model.onnx"
+    truncated.parent.mkdir()
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    image = tmp_path / "image" / "model.onnx"  # a network that gives an image, not an embedding
+    image.parent.mkdir()
+    torch.onnx.export(torch.nn.Conv2d(3, 3, 3, padding=1).eval(), (torch.rand(1, 3, 112, 112),), str(image),
+                      dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    card = export_tiny_onnx_face_model(tmp_path / "card")
+    (card.parent / "model.json").write_text("{not json")
+    import onnx
+
+    weightless = tmp_path / "weightless" / "model.onnx"  # its weights in a file of their own, which is missing
+    weightless.parent.mkdir()
+    onnx.save_model(onnx.load(str(good)), str(weightless), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    (weightless.parent / "weights.bin").unlink()
+    for path, message in ((truncated, "not a face model this toolkit can run"), (image, "not one embedding per face"),
+                          (card, "not a face model's card"), (weightless, "not a face model this toolkit can run")):
+        with pytest.raises(ModelUnavailable, match=message) as raised:
+            load_face_identity(str(path), torch.device("cpu"))
+        assert "\n" not in str(raised.value)
+    assert load_face_identity(str(good), torch.device("cpu")).embedder.name == "tiny"

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from skimage.transform import SimilarityTransform
 from torch import nn
 
+from utils import ModelUnavailable
+
 logger = logging.getLogger(__name__)
 
 #: Five landmarks of the standard ArcFace 112 x 112 crop (x, y in pixels).
@@ -349,15 +351,39 @@ def read_contract(card: dict) -> dict:
 
 def load_onnx_embedder(path: str | Path) -> FaceEmbedder:
     """An ONNX face model converted to PyTorch with onnx2torch, with the contract of the `model.json` beside it
-    (see `read_contract`; without one, a 112 x 112 ArcFace-aligned RGB model taking 0..255 is assumed)."""
+    (see `read_contract`; without one, a 112 x 112 ArcFace-aligned RGB model taking 0..255 is assumed). The model is
+    run once on a grey face to check that it gives one embedding per face. Raises `FileNotFoundError` for a missing
+    file and `ModelUnavailable`, in one line, for a damaged or wrong one (truncated, not a face model, a broken
+    `model.json`)."""
     import onnx2torch
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"face model {path} does not exist")
     card_path = path.with_name("model.json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    try:
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        if not isinstance(card, dict):
+            raise ValueError("not a JSON object")
+        contract = read_contract(card)
+        height, width = (int(v) for v in contract["size"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
+        raise ModelUnavailable(f"{card_path}: not a face model's card ({error}); see methods/README.md for its "
+                               f"keys") from None
     if not card:
-        logger.warning("no model.json beside %s; assuming %s", path, read_contract({}))
-    network = onnx2torch.convert(str(path)).eval()
-    return FaceEmbedder(network, **read_contract(card), name=card.get("name", path.parent.name))
+        logger.warning("no model.json beside %s; assuming %s", path, contract)
+    try:
+        network = onnx2torch.convert(str(path)).eval()
+        with torch.no_grad():
+            probe = network(torch.full((2, 3, height, width), sum(contract["input_range"]) / 2))
+    except Exception as error:  # onnx and onnx2torch raise many kinds for a damaged or foreign file
+        raise ModelUnavailable(f"{path}: not a face model this toolkit can run ({_first_line(error)})") from None
+    if not isinstance(probe, torch.Tensor) or probe.squeeze(-1).squeeze(-1).ndim != 2 or len(probe) != 2:
+        shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+        raise ModelUnavailable(f"{path}: gives {shape} for two faces, not one embedding per face; not a face model")
+    return FaceEmbedder(network, **contract, name=card.get("name", path.parent.name))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

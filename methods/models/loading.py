@@ -193,7 +193,12 @@ def load_pretrained(load: Callable[..., Any], name: str, what: str, marker: str 
         location = Path(source) / (subfolder or "")
         if not (location / marker).is_file():
             raise ModelUnavailable(f"{location} has no {marker}; it is not a folder holding {what}")
-        return load(str(location), **kwargs)
+        try:
+            return load(str(location), **kwargs)
+        except Exception as error:  # a truncated or foreign file: safetensors, json and torch raise their own kinds
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ModelUnavailable(f"cannot load {what} from {location} ({type(error).__name__}: {first}); its files "
+                                   f"may be damaged or not this model's") from None
     if str(source).startswith(("/", ".", "~")) or "\\" in str(source):
         raise ModelUnavailable(f"cannot load {what}: there is no folder {source}")
     repo, revision = split_revision(str(source))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from PIL import Image
 
 from methods.base import budget_limit
 from methods.models import loading
+from methods.models.downloads import sha256_of
 from methods.models.faces import NoFaceError
 from methods.models.loading import EDITOR_ID_HELP, EDITOR_IDS
 from methods.progress import progress_bar
@@ -42,8 +44,9 @@ from utils import (
     tensor_to_uint8,
 )
 
+from .photos import output_names
 from .placement import distances, quantize_within
-from .runs import BatchRun
+from .runs import BatchRun, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,9 @@ def resolve_edit(**given: Any) -> EditOptions:
     if unknown:
         raise UserError(f"unknown edit option(s): {', '.join(unknown)}")
     values = {**EDIT_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
     o = EditOptions(**values)
     if o.num_inference_steps < 1 or not 0 < o.strength <= 1 or o.max_size < 0:
         raise UserError("--num_inference_steps must be >= 1, --strength in (0, 1] and --max_size >= 0")
@@ -351,19 +357,27 @@ def edit_folder(options: EditOptions, src_dir: str | Path, edit_dir: str | Path,
     if not sources:
         raise UserError(f"no images in {src_dir}")
 
+    outputs = [folder] + ([clean_folder] if clean_folder else [])
+    for output in outputs:
+        check_writable(output)
     parameters = {"src_dir": str(src_dir), "edit_dir": str(edit_dir), "prompt_indices": indices,
                   "batch_size": batch_size, "clean_edit_dir": None if clean_edit_dir is None else str(clean_edit_dir),
                   **dataclasses.asdict(options), "prompt_list": prompt_list}
     run = BatchRun(folder, parameters, EDIT_DEFINING, options.overwrite, device=options.device)
-    names: dict[str, Path] = {}
-    for source in sources:
-        if source.stem in names:
-            run.fail(str(source), f"same output name as {names[source.stem].name}")
+    names: dict[Path, str] = {}
+    for source, name in output_names(sources).items():
+        if name in names.values():
+            run.fail(str(source), f"same output name as {next(s for s, n in names.items() if n == name).name}")
         else:
-            names[source.stem] = source
-    outputs = [folder] + ([clean_folder] if clean_folder else [])
-    work = [(i, source) for i in chosen for source in names.values()
-            if options.overwrite or not all((f / f"prompt{i}" / f"{source.stem}.png").exists() for f in outputs)]
+            names[source] = name
+    digests = {source: sha256_of(source) for source in names}
+
+    def done(i: int, source: Path) -> bool:
+        """An edit is finished once it is written and recorded as made from this very input (by its SHA-256)."""
+        key = f"prompt{i}/{names[source]}"
+        return all((f / key).exists() for f in outputs) and run.recorded(key, digests[source])
+
+    work = [(i, source) for i in chosen for source in names if options.overwrite or not done(i, source)]
     total = len(chosen) * len(names)
     if run.is_main:
         processes = f" in {run.num_processes} processes" if run.num_processes > 1 else ""
@@ -410,10 +424,12 @@ def edit_folder(options: EditOptions, src_dir: str | Path, edit_dir: str | Path,
                         run.fail(f"prompt{i}/{source.name}", f"{type(error).__name__}: {str(error).splitlines()[0]}")
                 else:
                     for k, ((source, _), image) in enumerate(zip(batch, edited)):
+                        key = f"prompt{i}/{names[source]}"
                         if guard is not None:
-                            save_png(np.asarray(cleans[k]), clean_folder / f"prompt{i}" / f"{source.stem}.png")
-                            run.record(f"prompt{i}/{source.stem}.png", {"seed": seeds[k], **records[k]})
-                        save_png(np.asarray(image.convert("RGB")), folder / f"prompt{i}" / f"{source.stem}.png")
+                            save_png(np.asarray(cleans[k]), clean_folder / key)
+                        save_png(np.asarray(image.convert("RGB")), folder / key)
+                        run.record(key, {"source": str(source), "sha256": digests[source], "seed": seeds[k],
+                                         **(records[k] if guard is not None else {})})
                 break
             run.save()
             bar.update(count)
@@ -421,5 +437,5 @@ def edit_folder(options: EditOptions, src_dir: str | Path, edit_dir: str | Path,
 
     if run.finish() is None:
         return 0
-    done = sum(all((f / f"prompt{i}" / f"{s.stem}.png").exists() for f in outputs) for i, s in work)
-    return run.report(f"edited {done}, already done {total - len(work)} (seed {options.seed})", folder, say)
+    edited_now = sum(done(i, s) for i, s in work)
+    return run.report(f"edited {edited_now}, already done {total - len(work)} (seed {options.seed})", folder, say)

@@ -17,11 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
+
 import methods
 from methods.facecloak import FOCUS, NEAR, focus_budgets
 from methods.models.loading import EDITOR_ID_HELP, EDITOR_IDS
 from methods.transforms import EOT_TRANSFORMS
-from utils import UserError
+from utils import MIN_SIDE, UserError
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,17 @@ NORM_DEFAULTS = {"linf": {}, "l2": {"attack_budget": 16.0, "step_size": 1.0}}
 #: Defaults a method declares in its signature (the diffusion attack's 200 iterations), below presets and flags.
 OWN_DEFAULTS = ("num_iters",)
 MAX_BUDGET = 0.25
+#: One 8-bit level in [-1, 1] units: the smallest budget that can change a pixel.
+ONE_LEVEL = 1 / 127.5
 
 
 class OptionError(UserError):
     """A set of options that cannot be run; the message names the option and what it takes."""
+
+
+def l2_limit(width: int, height: int) -> float:
+    """The longest change (L2, [-1, 1] units) an RGB image of this size can take: `MAX_BUDGET` on every pixel."""
+    return MAX_BUDGET * math.sqrt(3 * width * height)
 
 
 def budget_in_255(budget: float, norm: str = "linf") -> str:
@@ -163,13 +172,36 @@ def resolve(defend_method: str, preset: str | None = None, **given: Any) -> Prot
 
 
 def validate(o: ProtectionOptions) -> None:
-    """Raise `OptionError` for options that cannot be run together."""
+    """Raise `OptionError` for options that cannot run, or not together: every number finite, budgets between one
+    8-bit level and the largest change a photo can take, a device torch knows, a work size the models can see."""
+    for name, value in dataclasses.asdict(o).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"--{name} must be a finite number, got {value}")
     if o.norm == "linf" and not 0 < o.attack_budget <= MAX_BUDGET:
         raise OptionError(f"--attack_budget must be in (0, {MAX_BUDGET}] ([-1, 1] units), got {o.attack_budget}")
     if o.attack_budget <= 0:
         raise OptionError(f"--attack_budget must be > 0, got {o.attack_budget}")
+    if o.attack_budget < ONE_LEVEL:
+        raise OptionError(f"--attack_budget {o.attack_budget} is less than one 8-bit level ({ONE_LEVEL:.4f} in [-1, 1] "
+                          f"units, 1/255): no pixel could change")
+    if o.norm == "l2" and o.max_size and o.attack_budget > l2_limit(o.max_size, o.max_size):
+        longest = l2_limit(o.max_size, o.max_size)
+        raise OptionError(f"--attack_budget {o.attack_budget} (L2) is longer than any photo attacked at --max_size "
+                          f"{o.max_size} can take ({longest:.1f}: {MAX_BUDGET} on every pixel)")
     if o.step_size <= 0 or o.num_iters < 1 or o.max_size < 0 or o.eot_samples < 1:
         raise OptionError("--step_size must be > 0, --num_iters and --eot_samples >= 1 and --max_size >= 0")
+    if 0 < o.max_size < MIN_SIDE:
+        raise OptionError(f"--max_size must be 0 (full size) or at least {MIN_SIDE} px, got {o.max_size}")
+    if o.c < 0 or o.lr <= 0 or (o.fidelity_weight is not None and o.fidelity_weight < 0):
+        raise OptionError("--c and --fidelity_weight must be >= 0 and --lr > 0")
+    if (o.diffusion_steps is not None and o.diffusion_steps < 1) or (o.grad_reps is not None and o.grad_reps < 1) \
+            or (o.strength is not None and not 0 < o.strength <= 1):
+        raise OptionError("--diffusion_steps and --grad_reps must be >= 1 and --strength in (0, 1]")
+    if o.device != "auto":
+        try:
+            torch.device(o.device)
+        except (RuntimeError, ValueError):
+            raise OptionError(f"--device {o.device}: not a device; use auto, cpu, cuda or cuda:N") from None
     if o.bucket < 8 or o.bucket % 8:
         raise OptionError(f"--bucket must be a multiple of 8, got {o.bucket}")
     if o.momentum < 0 or not 0 <= o.input_diversity <= 1 or (o.ti_kernel and o.ti_kernel % 2 == 0) \
@@ -211,10 +243,11 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--schedule", choices=["linear", "cosine", "constant"],
                         help="PGD methods: how the step decays over the iterations (linear: the official code's)")
     method.add_argument("--num_iters", type=int, help="attack iterations")
-    method.add_argument("--targeted", dest="targeted", action="store_const", const=True,
-                        help="targeted attack (encoder: toward the zero latent; the encoder's default)")
-    method.add_argument("--untargeted", dest="targeted", action="store_const", const=False,
-                        help="untargeted attack (away from the clean latent; the cw default)")
+    direction = method.add_mutually_exclusive_group()
+    direction.add_argument("--targeted", dest="targeted", action="store_const", const=True,
+                           help="targeted attack (encoder: toward the zero latent; the encoder's default)")
+    direction.add_argument("--untargeted", dest="targeted", action="store_const", const=False,
+                           help="untargeted attack (away from the clean latent; the cw default)")
     method.add_argument("--c", type=float, help="cw: weight of the latent term")
     method.add_argument("--lr", type=float, help="cw: Adam learning rate")
     method.add_argument("--seed", type=int, help="seed of the random start (each image gets its own stream)")
@@ -317,12 +350,18 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs")
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose error is one line on stderr (`error: ...`, exit status 2), as the scripts' other
+    errors are, instead of the usage text followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def create_argparser(description: str) -> argparse.ArgumentParser:
     """A parser for a script that takes the protection options, its help ending with the list of methods."""
-    return argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="defend methods:\n" + methods.describe(),
-    )
+    return Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                  epilog="defend methods:\n" + methods.describe())
 
 
 def given(args: argparse.Namespace) -> dict[str, Any]:

@@ -45,10 +45,10 @@ from utils import (
     save_png,
 )
 
-from .options import ProtectionOptions, budget_in_255
-from .photos import photos_under
+from .options import MAX_BUDGET, ProtectionOptions, budget_in_255, l2_limit
+from .photos import output_names, photos_under
 from .placement import Placement, budget_levels, distances, face_region, paste, place, quantize_within, work_image
-from .runs import BackgroundWriter, BatchRun, prefetched
+from .runs import BackgroundWriter, BatchRun, check_writable, prefetched
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,15 @@ def placements(images: Sequence[Image.Image], options: ProtectionOptions, attack
     return result
 
 
+def budget_problem(attack: methods.Attack, placement: Placement) -> str | None:
+    """Why the attack's budget cannot be used on this work image (an L2 budget longer than the largest change the
+    image can take), in a few words; None where it can."""
+    if attack.norm == "l2" and attack.eps > l2_limit(*placement.work):
+        return (f"the L2 budget {attack.eps} is longer than this photo's work image ({placement.work[0]}x"
+                f"{placement.work[1]}) can take ({l2_limit(*placement.work):.1f}: {MAX_BUDGET} on every pixel)")
+    return None
+
+
 def protect_images(attack: methods.Attack, images: Sequence[Image.Image], seeds: Sequence[int],
                    device: torch.device, where: Sequence[Placement]) -> list[tuple[np.ndarray, dict]]:
     """Protect images whose placements share one padded size, in one batch; each image's random start comes from
@@ -197,6 +206,10 @@ def protect_images(attack: methods.Attack, images: Sequence[Image.Image], seeds:
     seconds). A method that gives a per-pixel budget map with its result (`Attack.protect`: FaceCloak) is rounded
     within that map, on the whole photo; the others are pasted back into their region within their budget."""
     start = time.perf_counter()
+    for placement in where:
+        problem = budget_problem(attack, placement)
+        if problem:
+            raise UserError(f"{problem}; lower --attack_budget")
     x = torch.cat([work_image(image, placement) for image, placement in zip(images, where)]).to(device)
     protected, budgets = attack.protect(x, [cpu_generator(s) for s in seeds])
     results = []
@@ -352,17 +365,18 @@ def output_folder(options: ProtectionOptions, output_dir: str | Path) -> Path:
     return Path(output_dir) / f"budget_{options.attack_budget}"
 
 
-def plan(sources: list[Path], folder: Path, done: Callable[[Path], bool]
+def plan(sources: list[Path], folder: Path, done: Callable[[Path, Path], bool]
          ) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
-    """Pair each source with its output `<stem>.png`; returns the pairs not `done` yet and the files refused."""
+    """Pair each source with its output (`photos.output_names`); returns the pairs not `done(source, output)` yet
+    and the files refused."""
     pending, refused, claimed = [], {}, {}
-    for source in sources:
-        output = folder / f"{source.stem}.png"
+    for source, name in output_names(sources).items():
+        output = folder / name
         if output.name in claimed:
             refused[str(source)] = f"same output name as {claimed[output.name].name}"
             continue
         claimed[output.name] = source
-        if done(output):
+        if done(source, output):
             continue
         pending.append((source, output))
     return pending, refused
@@ -385,13 +399,15 @@ def protect_folder(options: ProtectionOptions, image_dir: str | Path, output_dir
     if not sources:
         raise UserError(f"no images in {image_dir}")
 
+    check_writable(folder)
     parameters = {"image_dir": str(image_dir), "output_dir": str(output_dir), "batch_size": batch_size,
                   **dataclasses.asdict(options)}
     run = BatchRun(folder, parameters, DEFINING, options.overwrite, device=options.device)
     device = run.device
-    # an output counts as finished once it is in the manifest: a file written just before a crash is redone
-    pending, refused = plan(sources, folder, lambda output: not options.overwrite and output.exists()
-                            and run.recorded(output.name))
+    digests = {source: sha256_of(source) for source in sources}
+    # an output counts as finished once the manifest records it, made from this very input (by its SHA-256)
+    pending, refused = plan(sources, folder, lambda source, output: not options.overwrite and output.exists()
+                            and run.recorded(output.name, digests[source]))
     for source, reason in refused.items():
         run.fail(source, reason)
     finished = len(sources) - len(pending) - len(refused)
@@ -428,7 +444,7 @@ def protect_folder(options: ProtectionOptions, image_dir: str | Path, output_dir
     pools: dict[tuple[int, int], list] = {}  # images waiting for a batch, by padded work size
     with BackgroundWriter() as writer:
         def protect(pool: list) -> None:
-            protect_batch(protector, pool, run, writer)
+            protect_batch(protector, pool, run, writer, digests)
             writer.collect()
             record_unreadable()
             run.save()
@@ -477,10 +493,14 @@ def folder_mask(options: ProtectionOptions, protector: Protector | None, sources
 
 
 def protect_batch(protector: Protector, batch: list[tuple[Path, Path, Image.Image, Placement]], run: BatchRun,
-                  writer: BackgroundWriter) -> None:
-    """Protect one batch and hand each result to the writer, which records it once written; record each failure.
-    An image without a face is set aside and the rest of the batch protected without it; any other failure of the
-    batch is recorded for each of its images."""
+                  writer: BackgroundWriter, digests: dict[Path, str]) -> None:
+    """Protect one batch and hand each result to the writer, which records it (with its input's SHA-256) once
+    written; record each failure. An image without a face, or one the budget does not fit, is set aside and the rest
+    of the batch protected without it; any other failure of the batch is recorded for each of its images."""
+    for k in reversed(range(len(batch))):
+        problem = budget_problem(protector.attack, batch[k][3])
+        if problem:
+            run.fail(str(batch.pop(k)[0]), problem)
     while batch:
         seeds = [derive_seed(protector.options.seed, source.stem) for source, _, _, _ in batch]
         try:
@@ -496,6 +516,7 @@ def protect_batch(protector: Protector, batch: list[tuple[Path, Path, Image.Imag
                 run.fail(str(source), f"{type(error).__name__}: {str(error).splitlines()[0]}")
             return
         for (source, output, _, _), (protected, stats) in zip(batch, results):
+            entry = {"source": str(source), "sha256": digests[source], **stats}
             writer.submit(lambda protected=protected, output=output: save_png(protected, output),
-                          lambda output=output, entry={"source": str(source), **stats}: run.record(output.name, entry))
+                          lambda output=output, entry=entry: run.record(output.name, entry))
         return

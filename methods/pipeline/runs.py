@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import sys
+import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from utils import UserError, pick_device, write_json
+from utils import TEMPORARY_PREFIX, TEMPORARY_SUFFIX, UserError, pick_device, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,8 @@ class BatchRun:
         started = time.time()
         self.processes = Processes(device)
         self.folder = folder
-        earlier = self._read()
+        self.lock = threading.Lock()  # the writer thread records outputs while the main thread records failures
+        earlier = {} if overwrite else self._read()
         # a parameter missing from an earlier manifest was added later, with a default that keeps the old behaviour
         changed = [k for k in defining
                    if earlier.get("parameters") and earlier["parameters"].get(k, parameters[k]) != parameters[k]]
@@ -128,17 +131,25 @@ class BatchRun:
         """This process's share of `work`."""
         return work[self.processes.process_index::self.processes.num_processes]
 
-    def recorded(self, key: str) -> bool:
-        return key in self.manifest["outputs"]
+    def recorded(self, key: str, sha256: str | None = None) -> bool:
+        """Whether output `key` is finished: recorded in the manifest and, where `sha256` is given, made from an input
+        with that SHA-256 (an input replaced under the same name is done again)."""
+        entry = self.manifest["outputs"].get(key)
+        return entry is not None and (sha256 is None or entry.get("sha256") == sha256)
 
     def record(self, key: str, entry: dict) -> None:
-        self.manifest["outputs"][key] = entry
+        """Record a finished output and save the manifest at once, so that a killed run keeps it."""
+        with self.lock:
+            self.manifest["outputs"][key] = entry
+            write_json(self.manifest, self.part)
 
     def fail(self, key: str, reason: str) -> None:
-        self.manifest["failed"][key] = reason
+        with self.lock:
+            self.manifest["failed"][key] = reason
 
     def save(self) -> None:
-        write_json(self.manifest, self.part)
+        with self.lock:
+            write_json(self.manifest, self.part)
 
     def finish(self) -> dict | None:
         """Wait for every process; on the main process merge the parts and return the whole manifest."""
@@ -147,9 +158,9 @@ class BatchRun:
         if not self.is_main:
             return None
         for part in sorted(self.folder.glob("manifest.part*.json")):
-            other = json.loads(part.read_text())
-            self.manifest["outputs"].update(other["outputs"])
-            self.manifest["failed"].update(other["failed"])
+            other = read_manifest(part)
+            self.manifest["outputs"].update(other.get("outputs", {}))
+            self.manifest["failed"].update(other.get("failed", {}))
         write_json(self.manifest, self.folder / "manifest.json")
         for part in self.folder.glob("manifest.part*.json"):
             part.unlink()
@@ -167,25 +178,53 @@ class BatchRun:
         merged: dict = {}
         for path in [self.folder / "manifest.json", *sorted(self.folder.glob("manifest.part*.json"))]:
             if path.is_file():
-                data = json.loads(path.read_text())
+                data = read_manifest(path)
                 merged.setdefault("parameters", data.get("parameters"))
                 merged.setdefault("outputs", {}).update(data.get("outputs", {}))
         return merged
 
     def _remove_stale_temporaries(self, before: float) -> None:
-        """Delete the temporary files of `utils.atomic_write` (`.<name>.<random>.tmp`) older than this run."""
+        """Delete the temporary files of `utils.atomic_write` (`.facelock-<name>.<random>.tmp`) older than this run;
+        nothing else (a user's own `.tmp` files stay)."""
         if not self.folder.is_dir():
             return
-        for path in self.folder.rglob(".*.tmp"):
+        for path in self.folder.rglob(f"{TEMPORARY_PREFIX}*{TEMPORARY_SUFFIX}"):
             if path.is_file() and path.stat().st_mtime < before:
                 logger.info("removing %s, left by an interrupted run", path)
                 path.unlink(missing_ok=True)
 
 
+def read_manifest(path: Path) -> dict:
+    """A manifest (or a process's part of one) as this toolkit writes it; `UserError` for one that cannot be read."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path} is not a manifest this toolkit can read ({error}); move it away or pass "
+                        f"--overwrite") from None
+    fields = {"parameters": (dict, type(None)), "outputs": dict, "failed": dict}
+    wrong = not isinstance(data, dict) or any(not isinstance(data.get(k, {}), kinds) for k, kinds in fields.items())
+    if wrong or not all(isinstance(entry, dict) for entry in data.get("outputs", {}).values()):
+        raise UserError(f"{path} is not a manifest this toolkit wrote (unexpected contents); move it away or pass "
+                        f"--overwrite")
+    return data
+
+
+def check_writable(folder: Path) -> None:
+    """Make sure files can be written in `folder` (made if it does not exist) before any work is spent on them;
+    `UserError` in one line where they cannot (a read-only folder, a file in the way)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise UserError(f"cannot write to {folder} ({error.strerror or error}); choose another output") from None
+
+
 class BackgroundWriter:
     """Writes outputs on a background thread while the next batch is computed. Each write has a `done` callback
-    (recording the output in the manifest), which runs on the calling thread, in order, once the file is in place;
-    at most `pending` writes wait at a time, so memory stays bounded."""
+    (recording the output in the manifest, which saves it), which runs on the writer thread, in order, as soon as the
+    file is in place; at most `pending` writes wait at a time, so memory stays bounded."""
 
     def __init__(self, pending: int = 2) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -197,23 +236,21 @@ class BackgroundWriter:
     def submit(self, write: Callable[[], None], done: Callable[[], None]) -> None:
         while len(self._queue) >= self.pending:
             self._finish_oldest()
-        self._queue.append((self._executor.submit(write), done))
+        self._queue.append(self._executor.submit(lambda: (write(), done())))
 
     def collect(self) -> None:
-        """Run the callbacks of the writes that have finished (and raise the error of a write that failed)."""
-        while self._queue and self._queue[0][0].done():
+        """Forget the writes that have finished (and raise the error of a write that failed)."""
+        while self._queue and self._queue[0].done():
             self._finish_oldest()
 
     def close(self) -> None:
-        """Wait for every write and run its callback."""
+        """Wait for every write and its callback."""
         while self._queue:
             self._finish_oldest()
         self._executor.shutdown()
 
     def _finish_oldest(self) -> None:
-        future, done = self._queue.pop(0)
-        future.result()
-        done()
+        self._queue.pop(0).result()
 
     def __enter__(self) -> BackgroundWriter:
         return self
@@ -221,7 +258,7 @@ class BackgroundWriter:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             self.close()
-        else:  # let the writes in flight land, without recording them (a rerun redoes them)
+        else:  # let the writes in flight land (each records itself once in place)
             self._executor.shutdown(wait=True)
 
 
