@@ -47,6 +47,18 @@ SHARING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "JPEG 75": PillowJPEG(75),
     f"{SOCIAL_LONG_SIDE} px + JPEG 85": lambda x: PillowJPEG(85)(to_8bit(fit_long_side(x, SOCIAL_LONG_SIDE))),
 }
+class Posted(Transform):
+    """The way of sharing `SHARING[name]` as a cleanup (not differentiable)."""
+
+    differentiable = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return SHARING[self.name](x)
+
+
 #: The cleanups a protected photo meets before the edit in the robustness benchmarks (apply `to_8bit` after).
 CLEANUPS: dict[str, Transform] = {
     "none": Identity(),
@@ -61,4 +73,5 @@ CLEANUPS: dict[str, Transform] = {
     "resize0.5+jpeg75": Compose(Resize(0.5), PillowJPEG(75)),
     "blur1+jpeg75": Compose(GaussianBlur(1.0), PillowJPEG(75)),
     "noise4+jitter+jpeg90": Compose(GaussianNoise(4.0), ColorJitter(1.1, 0.9, 1.1), PillowJPEG(90)),
+    "1080+jpeg85": Posted(f"{SOCIAL_LONG_SIDE} px + JPEG 85"),
 }

@@ -19,6 +19,7 @@ from torch import nn
 
 from .progress import ProgressBar, progress_bar
 from .randomness import Generators, per_sample_generators, uniform_noise
+from .transforms import luma
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 
 
 NORMS = ("linf", "l2")
+#: The local texture (standard deviation, 8-bit levels) at and above which `flat_budget` gives the whole budget.
+TEXTURE_LEVELS = 8.0
 #: An L2 attack's step length as a share of its budget (the L2 length of the whole change): an eighth.
 L2_STEP = 1 / 8
 
@@ -179,6 +182,17 @@ class PGDAttack(Attack):
     - `ti_kernel` (TI, Dong et al., CVPR 2019, https://arxiv.org/abs/1904.02884): the gradient is smoothed by a
       Gaussian kernel of this many pixels (odd; standard deviation `(ti_kernel - 1) / 6`) before the step.
 
+    Levers that shape the perturbation for the way photos are shared (each off by default):
+
+    - `chroma` (below 1): the perturbation's colour part (what is left after its luma, BT.601) is scaled by this
+      factor after every step, so the budget goes to luminance, which JPEG keeps at full resolution and quantises
+      more finely than chroma (0: grey changes only).
+    - `smooth_perturbation` (odd, in pixels): after every step the perturbation is smoothed by a Gaussian of this
+      size, so it lives in the low frequencies JPEG keeps.
+    - `flat_budget` (below 1): a per-pixel budget map, the fraction `flat_budget` of `eps` where the clean photo is
+      flat (local standard deviation 0) rising to all of `eps` where its texture is `TEXTURE_LEVELS` 8-bit levels
+      or more (7 x 7 windows of luma): the change goes where texture hides it. L-infinity only.
+
     `norm="l2"` (PhotoGuard's L2 attack) measures the budget as the L2 length of each image's perturbation: steps
     follow the L2-normalised gradient instead of its sign, projection rescales the perturbation, and the random
     start is uniform in the largest cube inside the ball.
@@ -193,8 +207,15 @@ class PGDAttack(Attack):
     def __init__(self, eps: float = 0.03, step_size: float = 0.01, num_iters: int = 100,
                  eot: Callable[[torch.Tensor, Generators], torch.Tensor] | None = None, eot_samples: int = 1,
                  momentum: float = 0.0, input_diversity: float = 0.0, diversity_scale: float = 0.9,
-                 ti_kernel: int = 0, schedule: str = "linear", norm: str = "linf", progress: bool = False):
+                 ti_kernel: int = 0, schedule: str = "linear", norm: str = "linf", chroma: float = 1.0,
+                 smooth_perturbation: int = 0, flat_budget: float = 1.0, progress: bool = False):
         super().__init__(eps=eps, progress=progress, norm=norm)
+        if not 0 <= chroma <= 1 or smooth_perturbation < 0 or (smooth_perturbation and smooth_perturbation % 2 == 0) \
+                or not 0 < flat_budget <= 1 or (flat_budget < 1 and norm != "linf"):
+            raise ValueError(f"need chroma in [0, 1], smooth_perturbation 0 or odd, flat_budget in (0, 1] (below 1 "
+                             f"with an L-infinity budget only), got {chroma}, {smooth_perturbation} and {flat_budget}")
+        self.chroma, self.smooth_perturbation, self.flat_budget = chroma, smooth_perturbation, flat_budget
+        self._budget: torch.Tensor | None = None  # the per-pixel budget of the call in progress (flat_budget)
         if step_size <= 0 or num_iters < 1 or eot_samples < 1:
             raise ValueError(f"need step_size > 0, num_iters >= 1 and eot_samples >= 1, got {step_size}, "
                              f"{num_iters} and {eot_samples}")
@@ -278,13 +299,47 @@ class PGDAttack(Attack):
             return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return grad.sign()
 
+    def budget_map(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-pixel budget (`N x 1 x H x W`) of `flat_budget` for clean images `x`; None when it is off."""
+        if self.flat_budget >= 1:
+            return None
+        grey = luma((x + 1) * 127.5)
+        mean = F.avg_pool2d(grey, 7, stride=1, padding=3, count_include_pad=False)
+        square = F.avg_pool2d(grey**2, 7, stride=1, padding=3, count_include_pad=False)
+        texture = (square - mean**2).clamp_min(0).sqrt()
+        return self.eps * (self.flat_budget + (1 - self.flat_budget) * (texture / TEXTURE_LEVELS).clamp(max=1))
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self._budget is None:
+            return super().project(x_adv, x)
+        return project(x_adv, x, self._budget, self.bounds, self.norm)
+
+    def shape(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`x_adv` with its perturbation shaped by `chroma` and `smooth_perturbation` (unchanged when both are off)."""
+        if self.chroma >= 1 and not self.smooth_perturbation:
+            return x_adv
+        delta = x_adv - x
+        if self.chroma < 1:
+            grey = luma(delta)
+            delta = grey + self.chroma * (delta - grey)
+        if self.smooth_perturbation:
+            delta = gaussian_smooth(delta, self.smooth_perturbation)
+        return x + delta
+
     def start(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         """The first iterate: uniform noise in the budget (L2: in the largest cube inside the ball) around `x`. An
         attack that continues from a given point overrides it."""
         radius = self.eps if self.norm == "linf" else self.eps / math.sqrt(x[0].numel())
-        return self.project(x + uniform_noise(x, -radius, radius, generator), x)
+        return self.project(self.shape(x + uniform_noise(x, -radius, radius, generator), x), x)
 
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+        self._budget = self.budget_map(x)
+        try:
+            return self._perturb(x, generator)
+        finally:
+            self._budget = None
+
+    def _perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():
             reference = self.prepare(x)
         x_adv = self.start(x, generator)
@@ -301,7 +356,7 @@ class PGDAttack(Attack):
                     logger.info("%s: every image reached its goal after %d iterations", self.name, i)
                     return x_adv.detach()
             step = self.step_size_at(i) * self.direction(grad, state) * active
-            x_adv = self.project(x_adv.detach() + step, x)
+            x_adv = self.project(self.shape(x_adv.detach() + step, x), x)
             bar.set_postfix(objective=f"{value.mean().item():.4f}", refresh=False)
             if self.monitor is not None:
                 self.monitor(i, x_adv)

@@ -20,7 +20,7 @@ from .base import L2_STEP, Attack, frozen
 from .models.faces import ARCFACE_TEMPLATE, Faces, NoFaceError, arcface_matrix, warp_affine
 from .randomness import Generators, uniform_noise
 from .registry import register
-from .transforms import ColorJitter, GaussianBlur, Lighting, PillowJPEG, RandomAffine, _draw
+from .transforms import ColorJitter, GaussianBlur, Lighting, PillowJPEG, RandomAffine, _draw, luma
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +118,9 @@ def highpass_regions(aligned: torch.Tensor) -> torch.Tensor:
     """Where the aligned face (`N x 3 x S x S` in `[-1, 1]`, averaged) has more high-frequency texture than on
     average (`1 x S x S`, boolean): the magnitude of its luma minus a Gaussian blur of sigma 3/112 of the side,
     z-scored, above zero."""
-    from .transforms import _luma
 
     face = aligned.float().mean(dim=0, keepdim=True)
-    detail = _luma(face - GaussianBlur(sigma=3 * aligned.shape[-1] / 112).apply(face, None)).abs()
+    detail = luma(face - GaussianBlur(sigma=3 * aligned.shape[-1] / 112).apply(face, None)).abs()
     z = (detail - detail.mean()) / detail.std().clamp_min(1e-12)
     return (z > 0)[0]
 
@@ -222,6 +221,10 @@ class FaceCloak(Attack):
     with `combine="max"`). Sign-PGD as the paper: uniform start in the budget, `num_iters` passes, one step of
     `step_size` after each image, projection onto the per-pixel budget after every step.
 
+    For the way photos are shared and for face models never attacked (both off by default): `eot` sends each masked
+    view through a random cleanup (e.g. `methods.transforms.Sharing`: a resize, one or two JPEGs) before it is
+    embedded, and `surrogate_noise` embeds it with a randomly perturbed copy of each face model (see `FaceLock`).
+
     Beyond the paper (both off by default): `near="self"` takes the person's own mean clean embedding as the near
     anchor, so that the loss pushes the face away from itself rather than from the most similar other person; and
     `mask_l2` also bounds the L2 length of the mask (in `[-1, 1]` units, at `mask_size`): steps then follow the
@@ -269,7 +272,8 @@ class FaceCloak(Attack):
                  num_iters: int = 10, variations: int = 8, focus: Sequence[str] = (),
                  sticker_budget: float = FOCUS_BUDGET, highpass_budget: float = FOCUS_BUDGET,
                  attention_lr: float = 10.0, mask_size: int = 112, max_size: int = 1024,
-                 near: str = "gallery", mask_l2: float = 0.0, progress: bool = False) -> None:
+                 near: str = "gallery", mask_l2: float = 0.0, eot: Callable | None = None,
+                 surrogate_noise: float = 0.0, progress: bool = False) -> None:
         focus = tuple(focus)
         unknown = sorted(set(focus) - set(FOCUS))
         if unknown:
@@ -290,6 +294,9 @@ class FaceCloak(Attack):
         self.focus, self.attention_lr = focus, attention_lr
         self.mask_size, self.max_size = mask_size, max_size
         self.near, self.mask_l2 = near, mask_l2
+        if surrogate_noise < 0:
+            raise ValueError(f"need surrogate_noise >= 0, got {surrogate_noise}")
+        self.eot, self.surrogate_noise = eot, surrogate_noise
         self.mask: IdentityMask | None = None
         if mask is not None:
             self.use(mask)
@@ -449,13 +456,19 @@ class FaceCloak(Attack):
             budget = torch.where(highpass_regions(aligned.cpu()), torch.clamp_min(budget, self.highpass_budget), budget)
         return budget
 
-    def loss(self, delta: torch.Tensor, view: _View, anchors: dict) -> torch.Tensor:
-        """FaceCloak's triplet loss (lower is better protected) of the mask `delta` placed on one view."""
+    def loss(self, delta: torch.Tensor, view: _View, anchors: dict,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """FaceCloak's triplet loss (lower is better protected) of the mask `delta` placed on one view; the masked
+        view goes through `eot` (the way photos are shared) and each model is a perturbed copy (`surrogate_noise`)
+        where those are on, drawn from `generator`."""
         faces = view.faces
         y = (view.canvas + warp_onto(delta, faces, view.canvas.shape[-2:])).clamp(*self.bounds)
+        if self.eot is not None:
+            y = self.eot(y, generator)
         values = []
         for k, m in enumerate(members(self.face)):
-            e = m.embed(y, faces)[0][0]
+            weights = m.embedder.noisy_weights(self.surrogate_noise, generator) if self.surrogate_noise else None
+            e = m.embed(y, faces, weights=weights)[0][0]
             value = e @ anchors["near"][k] - e @ anchors["far"][k]
             values.append(value)
         values = torch.stack(values)
@@ -484,7 +497,7 @@ class FaceCloak(Attack):
                         effective = self._project(leaves[1] * leaves[0], budget)
                     else:
                         effective = leaves[0]
-                    value = self.loss(effective, sample, anchors)
+                    value = self.loss(effective, sample, anchors, generator)
                     grads = torch.autograd.grad(value, leaves)
                     delta = self._project(delta - self._step(grads[0]), budget)
                     if attention is not None:

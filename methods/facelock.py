@@ -11,7 +11,8 @@ from torch import nn
 
 from .base import PGDAttack
 from .models.autoencoder import as_autoencoder
-from .models.faces import NoFaceError
+from .models.faces import NoFaceError, diversified
+from .randomness import Generators, per_sample_generators
 from .registry import register
 
 
@@ -53,6 +54,12 @@ class FaceLock(PGDAttack):
         perceptual: has `reference(x)` and is called as `perceptual(y, reference)` giving one distance per image
             (e.g. `methods.models.perceptual.LPIPSDistance`), or None to drop the term.
 
+    For face models it never saw (each off by default): `surrogate_noise` embeds each image's reconstruction, at every
+    step, with a randomly perturbed copy of each attacked face model (its weights times `1 + surrogate_noise * n`,
+    drawn from the image's generator; surrogate diversity, after DPA's perturbed surrogates), and `landmark_jitter`
+    crops the face where another detector would put it (turned by up to that many degrees, scaled and moved by up to
+    that many % of the crop, drawn per face and step).
+
     An image in which no face is found raises `NoFaceError`, unless `allow_no_face`: then that image is
     protected with the latent and perceptual terms only. With `target_fr`, an image stops as soon as the FR
     similarity of its reconstruction falls below that value (early stopping; off by default).
@@ -71,8 +78,14 @@ class FaceLock(PGDAttack):
     def __init__(self, autoencoder: nn.Module, face: nn.Module, perceptual: nn.Module | None = None,
                  fr_weight: float = 1.0, latent_weight: float = 0.2, lpips_weight: float = 1.0,
                  fr_start: float = 0.35, lpips_start: float = 0.25, allow_no_face: bool = False,
-                 target_fr: float | None = None, **options) -> None:
+                 target_fr: float | None = None, surrogate_noise: float = 0.0, landmark_jitter: float = 0.0,
+                 **options) -> None:
         super().__init__(**options)
+        if surrogate_noise < 0 or landmark_jitter < 0:
+            raise ValueError(f"need surrogate_noise >= 0 and landmark_jitter >= 0, got {surrogate_noise} and "
+                             f"{landmark_jitter}")
+        self.surrogate_noise, self.landmark_jitter = surrogate_noise, landmark_jitter
+        self.generators: list | None = None  # the per-image generators of the call in progress
         self.autoencoder = as_autoencoder(autoencoder)
         self.face = face
         self.perceptual = perceptual
@@ -86,6 +99,13 @@ class FaceLock(PGDAttack):
         fr = self.fr_weight if i >= self.num_iters * self.fr_start else 0.0
         lpips = self.lpips_weight if self.perceptual is not None and i > self.num_iters * self.lpips_start else 0.0
         return fr, self.latent_weight, lpips
+
+    def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+        self.generators = per_sample_generators(generator, len(x))
+        try:
+            return super().perturb(x, generator)
+        finally:
+            self.generators = None
 
     def prepare(self, x: torch.Tensor) -> _Clean:
         face = self.face.reference(x)
@@ -103,7 +123,11 @@ class FaceLock(PGDAttack):
         if fr_w or lpips_w:
             y = self.autoencoder.decode(latent).float().clamp(-1, 1)
             if fr_w:
-                clean.fr = self.face(y, clean.face).float()
+                faces = clean.face
+                if self.landmark_jitter:
+                    faces = self.face.jittered(faces, self.generators, self.landmark_jitter)
+                with diversified(self.face, self.surrogate_noise, self.generators):
+                    clean.fr = self.face(y, faces).float()
                 value = value - fr_w * clean.fr * clean.has_face
             if lpips_w:
                 value = value + lpips_w * self.perceptual(y, clean.perceptual).float()

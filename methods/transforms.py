@@ -46,7 +46,7 @@ def _round(t: torch.Tensor) -> torch.Tensor:
     return t + (torch.round(t) - t).detach()
 
 
-def _luma(rgb: torch.Tensor) -> torch.Tensor:
+def luma(rgb: torch.Tensor) -> torch.Tensor:
     """The ITU-R BT.601 luma of `N x 3 x H x W` images, as `N x 1 x H x W`."""
     return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
 
@@ -70,11 +70,19 @@ class Identity(Transform):
 
 
 class JPEG(Transform):
-    """A differentiable JPEG: YCbCr, 4:2:0 chroma, 8 x 8 DCT quantised with the standard tables scaled by quality
-    as libjpeg does, rounding straight-through, decoded back to 8-bit RGB."""
+    """A differentiable JPEG as libjpeg (Pillow's codec) makes and reads one: 8-bit YCbCr, 4:2:0 chroma (2 x 2 means,
+    edges replicated), 8 x 8 DCT quantised with the standard tables scaled by quality, each plane decoded to 8 bits,
+    chroma brought back up bilinearly (libjpeg's "fancy" triangle filter) and converted to 8-bit RGB. Every rounding
+    is straight-through (its gradient the identity), except the quantisation of the DCT coefficients with
+    `rounding="cubic"`: there `round(t) + (t - round(t))^3` (Shin and Song, 2017), whose gradient is small near the
+    levels and large between them. Within about a level of Pillow's decoding (`tests/test_transforms.py`)."""
 
-    def __init__(self, quality: Range = 75) -> None:
-        self.quality = quality
+    ROUNDINGS = ("straight", "cubic")
+
+    def __init__(self, quality: Range = 75, rounding: str = "straight") -> None:
+        if rounding not in self.ROUNDINGS:
+            raise ValueError(f"rounding must be one of {self.ROUNDINGS}, got {rounding!r}")
+        self.quality, self.rounding = quality, rounding
 
     @staticmethod
     def tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,18 +92,39 @@ class JPEG(Transform):
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         luma_table, chroma_table = (t.to(x) for t in self.tables(_draw(self.quality, generator)))
+        quantise = _round if self.rounding == "straight" else _round_cubic
         height, width = x.shape[-2:]
-        rgb = F.pad((x + 1) * 127.5, (0, -width % 16, 0, -height % 16), mode="replicate")
+        rgb = (x + 1) * 127.5
         r, g, b = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
-        y = _luma(rgb)
-        cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
-        cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
-        y = _blocks(y - 128, luma_table) + 128
-        cb, cr = (F.interpolate(_blocks(F.avg_pool2d(c, 2) - 128, chroma_table) + 128, scale_factor=2,
-                                mode="bilinear", align_corners=False) for c in (cb, cr))
+        y = _round(luma(rgb)).clamp(0, 255)
+        cb = _round(-0.168736 * r - 0.331264 * g + 0.5 * b + 128).clamp(0, 255)
+        cr = _round(0.5 * r - 0.418688 * g - 0.081312 * b + 128).clamp(0, 255)
+        y = _round(_blocks(_pad_to(y, 8) - 128, luma_table, quantise) + 128).clamp(0, 255)[..., :height, :width]
+        chroma = []
+        for c in (cb, cr):
+            small = _round(F.avg_pool2d(_pad_to(c, 2), 2))
+            rows, cols = small.shape[-2:]
+            small = _round(_blocks(_pad_to(small, 8) - 128, chroma_table, quantise) + 128).clamp(0, 255)
+            chroma.append(F.interpolate(small[..., :rows, :cols], scale_factor=2, mode="bilinear",
+                                        align_corners=False)[..., :height, :width])
+        cb, cr = chroma
         out = torch.cat([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
                          y + 1.772 * (cb - 128)], dim=1)
-        return (_round(out.clamp(0, 255)) / 127.5 - 1)[..., :height, :width]
+        return _round(out.clamp(0, 255)) / 127.5 - 1
+
+
+def _pad_to(plane: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`plane` with its last row and column repeated up to a multiple of `multiple` pixels, as libjpeg pads."""
+    height, width = plane.shape[-2:]
+    if not (height % multiple or width % multiple):
+        return plane
+    return F.pad(plane, (0, -width % multiple, 0, -height % multiple), mode="replicate")
+
+
+def _round_cubic(t: torch.Tensor) -> torch.Tensor:
+    """`round(t) + (t - round(t))^3`: near rounding, with a gradient that is not the identity."""
+    nearest = torch.round(t).detach()
+    return nearest + (t - nearest) ** 3
 
 
 def _dct_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -105,13 +134,13 @@ def _dct_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return matrix.to(dtype=dtype, device=device)
 
 
-def _blocks(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _blocks(plane: torch.Tensor, table: torch.Tensor, quantise=_round) -> torch.Tensor:
     """Quantise the 8 x 8 DCT of a 1-channel plane (height and width multiples of 8) with `table`."""
     n, _, height, width = plane.shape
     d = _dct_matrix(plane.dtype, plane.device)
     blocks = plane.reshape(n, height // 8, 8, width // 8, 8).permute(0, 1, 3, 2, 4)
     coefficients = d @ blocks @ d.T
-    restored = d.T @ (_round(coefficients / table) * table) @ d
+    restored = d.T @ (quantise(coefficients / table) * table) @ d
     return restored.permute(0, 1, 3, 2, 4).reshape(n, 1, height, width)
 
 
@@ -184,9 +213,9 @@ class ColorJitter(Transform):
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         u = (x + 1) / 2 * _draw(self.brightness, generator)
-        mean = _luma(u).mean()
+        mean = luma(u).mean()
         u = mean + (u - mean) * _draw(self.contrast, generator)
-        gray = _luma(u)
+        gray = luma(u)
         u = gray + (u - gray) * _draw(self.saturation, generator)
         return (u.clamp(0, 1) * 2 - 1)
 
@@ -237,6 +266,33 @@ class Crop(Transform):
 def _offset(room: int, generator: torch.Generator | None) -> int:
     """A position drawn uniformly in `0..room`."""
     return min(int(_draw((0.0, room + 1.0), generator)), room)
+
+
+class Sharing(Transform):
+    """What a posted photo meets on its way to an editor, drawn per image: with probability `resize_probability` a
+    downscale by a factor in `scale` (a social network's long side, an editor's working size; antialiased), then a
+    JPEG at a quality in `quality`, with probability `reencode_probability` a second one at a quality in `second`
+    (the photo saved again), and the image back at its size (bilinear). Differentiable: the JPEGs are `JPEG`."""
+
+    def __init__(self, quality: Range = (60.0, 95.0), scale: Range = (0.6, 1.0), resize_probability: float = 0.5,
+                 second: Range = (70.0, 95.0), reencode_probability: float = 0.3, rounding: str = "straight") -> None:
+        self.scale, self.resize_probability = scale, resize_probability
+        self.reencode_probability = reencode_probability
+        self.first, self.second = JPEG(quality, rounding), JPEG(second, rounding)
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        y = x
+        if _draw((0.0, 1.0), generator) < self.resize_probability:
+            scale = _draw(self.scale, generator)
+            size = (max(round(height * scale), 8), max(round(width * scale), 8))
+            y = F.interpolate(y, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+        y = self.first.apply(y, generator)
+        if _draw((0.0, 1.0), generator) < self.reencode_probability:
+            y = self.second.apply(y, generator)
+        if y.shape[-2:] != (height, width):
+            y = F.interpolate(y, size=(height, width), mode="bilinear", align_corners=False).clamp(-1, 1)
+        return y
 
 
 class ResizePad(Transform):
@@ -336,6 +392,8 @@ EOT_TRANSFORMS = {
     "quantize": lambda: Quantize(bits=(4, 7)),
     "rotate": lambda: Rotate(degrees=(-5.0, 5.0)),
     "crop": lambda: Crop(scale=(0.8, 1.0)),
+    "share": lambda: Sharing(),
+    "share-cubic": lambda: Sharing(rounding="cubic"),
 }
 
 

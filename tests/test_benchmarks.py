@@ -123,7 +123,10 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
     assert benchmark_transfer.main(argv) == 0
     with (out / "transfer.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 3 * 3  # (unprotected + the two configs) x photos x cleanups
+    assert len(rows) == 3 * 3 * 4  # (unprotected + the two configs) x photos x cleanups
+    assert {r["cleanup"] for r in rows} == {"none", "jpeg75", "jpeg50", "1080+jpeg85"}
+    assert all(0 <= float(r["flat_mean"]) <= float(r["flat_max"]) <= 3 for r in rows if r["config"] == "mi"
+               and r["flat_max"] != "nan")
     assert {(r["held_out"], r["config"]) for r in rows} == {("sface", "none"), ("sface", "mi"), ("sface", "l2")}
     assert max(int(r["linf_255"]) for r in rows if r["config"] == "mi") == 3  # 0.03 is 3.8 levels
     l2 = (out / "protected" / "crops" / "sface" / "l2" / "budget_4.0" / "manifest.json").read_text()
@@ -133,7 +136,8 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
     manifest = (out / "protected" / "crops" / "sface" / "mi" / "budget_0.03" / "manifest.json").read_text()
     assert '"fr_model": "mobilefacenet"' in manifest and '"momentum": 1.0' in manifest
     table = (out / "transfer.md").read_text()
-    assert "| sface | mi |" in table and "| sface | l2 |" in table
+    assert "| sface | mi |" in table and "| sface | l2 |" in table and "flat: mean / largest" in table
+    assert Image.open(out / "zoom_crops.png").size == (3 * 144, 18 + 144 + 18)  # clean, mi, l2 for one held-out model
     stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
     assert benchmark_transfer.main(argv) == 0  # resumes: nothing protected again
     assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps

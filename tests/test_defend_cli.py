@@ -412,3 +412,26 @@ def test_web_with_a_photo_and_an_output_that_cannot_be_written_are_refused(tmp_p
     with pytest.raises(UserError, match="cannot write to"):
         main_defend.main(["--image_dir", str(tmp_path), "--output_dir", str(blocked), "--defend_method", "vae",
                           "--vae", str(tiny_vae_dir), *FAST])
+
+
+def test_the_levers_for_sharing_and_unseen_models_keep_the_budget_and_the_input(tmp_path, tiny_vae_dir):
+    face = export_tiny_onnx_face_model(tmp_path / "face")
+    images = tmp_path / "photos"
+    images.mkdir()
+    for k in range(2):
+        write_photo(images / f"p{k}.png", size=(72, 64), seed=k)
+    before = {p.name: digest(p) for p in images.iterdir()}
+    levers = ["--chroma", "0.5", "--smooth_perturbation", "3", "--flat_budget", "0.5", "--eot", "share",
+              "--surrogate_noise", "0.05", "--landmark_jitter", "2"]
+    common = ["--image_dir", str(images), "--defend_method", "facelock", "--vae", str(tiny_vae_dir), "--fr_model",
+              str(face), "--lpips", "none", "--allow_no_face", *FAST]
+    for out in ("one", "two"):
+        assert main_defend.main([*common, *levers, "--output_dir", str(tmp_path / out)]) == 0
+    for name in before:
+        protected = np.asarray(Image.open(tmp_path / "one" / "budget_0.03" / name)).astype(int)
+        assert 0 < np.abs(protected - np.asarray(load_image(images / name)).astype(int)).max() <= 3
+        assert digest(tmp_path / "one" / "budget_0.03" / name) == digest(tmp_path / "two" / "budget_0.03" / name)
+    assert {p.name: digest(p) for p in images.iterdir()} == before
+    with pytest.raises(UserError, match="--surrogate_noise work.* with the methods .*facelock.*, not vae"):
+        main_defend.main([*common[:3], "vae", *common[4:], "--surrogate_noise", "0.05", "--output_dir",
+                          str(tmp_path / "three")])

@@ -138,6 +138,21 @@ def test_an_ensemble_learns_against_every_model_and_the_mask_survives_saving(tmp
         IdentityMask(mask.budget.repeat(3, 1, 1) * 1.5, mask.budget)
 
 
+def test_a_mask_learned_through_the_sharing_channel_and_perturbed_models_is_seeded_and_in_budget():
+    from methods.transforms import Sharing
+
+    photos, gallery = [random_images(1, 96, seed=1)], [random_images(1, 80, seed=s) for s in (2, 3, 4)]
+    levers = dict(eot=Sharing(resize_probability=1.0), surrogate_noise=0.1)
+    mask = FaceCloak(tiny(), **FAST, **levers).learn(photos, gallery, torch.Generator().manual_seed(5))
+    again = FaceCloak(tiny(), **FAST, **levers).learn(photos, gallery, torch.Generator().manual_seed(5))
+    plain = FaceCloak(tiny(), **FAST).learn(photos, gallery, torch.Generator().manual_seed(5))
+    assert torch.equal(mask.delta, again.delta) and not torch.equal(mask.delta, plain.delta)
+    assert (mask.delta.abs() <= mask.budget + 1e-6).all()
+    off = FaceCloak(tiny(), **FAST, eot=None, surrogate_noise=0.0).learn(photos, gallery,
+                                                                          torch.Generator().manual_seed(5))
+    assert torch.equal(off.delta, plain.delta)  # off by default: the paper's learning, unchanged
+
+
 def test_the_mask_stays_in_its_per_pixel_budgets_after_warping_and_rounding():
     base, sticker, highpass = 0.0628, 0.251, 0.15  # 8, 32 and 19 levels
     cloak = FaceCloak(tiny(), eps=base, focus=("stickers", "highpass"), sticker_budget=sticker,

@@ -13,6 +13,7 @@ from methods.models.autoencoder import as_autoencoder
 from methods.models.faces import Faces, NoFaceError
 from methods.pipeline.placement import quantize_within
 from methods.randomness import uniform_noise
+from methods.transforms import eot_transform
 from utils import tensor_to_uint8
 
 METHOD_NAMES = ["encoder", "vae", "cw", "facelock", "noise", "editshield", "diffusion"]
@@ -300,7 +301,11 @@ def test_facelock_early_stopping_freezes_only_the_images_that_reached_the_target
 
 
 LEVERS = {"momentum": {"momentum": 1.0}, "diversity": {"input_diversity": 0.7},
-          "translation": {"ti_kernel": 5}, "all": {"momentum": 1.0, "input_diversity": 0.5, "ti_kernel": 3}}
+          "translation": {"ti_kernel": 5}, "all": {"momentum": 1.0, "input_diversity": 0.5, "ti_kernel": 3},
+          "chroma": {"chroma": 0.3}, "smooth": {"smooth_perturbation": 3}, "flat": {"flat_budget": 0.3},
+          "sharing": {"eot": eot_transform(["share"])}, "surrogate": {"surrogate_noise": 0.1},
+          "jitter": {"landmark_jitter": 3.0},
+          "shared": {"chroma": 0.5, "eot": eot_transform(["share"]), "surrogate_noise": 0.05, "landmark_jitter": 2.0}}
 
 
 @pytest.mark.parametrize("lever", LEVERS)
@@ -316,8 +321,9 @@ def test_transfer_levers_keep_the_budget_reproduce_and_batch_like_singles(lever)
 
 
 def test_levers_switched_off_are_plain_sign_pgd():
-    """The engine with every lever at zero gives exactly a hand-written sign-PGD loop."""
-    attack = build("encoder", momentum=0.0, input_diversity=0.0, ti_kernel=0, num_iters=5)
+    """The engine with every lever off gives exactly a hand-written sign-PGD loop."""
+    attack = build("encoder", momentum=0.0, input_diversity=0.0, ti_kernel=0, chroma=1.0, smooth_perturbation=0,
+                   flat_budget=1.0, num_iters=5)
     x = random_images(2)
     expected = (x + uniform_noise(x, -attack.eps, attack.eps, seeded(3, 4))).clamp(x - attack.eps, x + attack.eps)
     expected = expected.clamp(-1, 1)
@@ -328,6 +334,36 @@ def test_levers_switched_off_are_plain_sign_pgd():
                                  x + attack.eps).clamp(-1, 1)
     with frozen(*attack.modules()):
         assert torch.equal(attack.perturb(x, seeded(3, 4)), expected)
+
+
+def test_facelock_s_levers_switched_off_change_nothing():
+    x = random_images(2)
+    plain = build("facelock")(x, seeded(0, 1))
+    off = build("facelock", surrogate_noise=0.0, landmark_jitter=0.0, chroma=1.0, smooth_perturbation=0,
+                flat_budget=1.0)(x, seeded(0, 1))
+    assert torch.equal(plain, off)
+
+
+def test_luma_and_smooth_perturbations_take_the_shape_asked_for():
+    x = random_images(2, size=48)
+    grey = build("vae", chroma=0.0)(x, seeded(0, 1)) - x
+    assert (grey - grey.mean(dim=1, keepdim=True)).abs().max() < 1e-5  # the same change on every channel: luma
+    assert grey.abs().max() > 0.01
+    smooth = build("vae", smooth_perturbation=5, num_iters=3)(x, seeded(0, 1)) - x
+    rough = build("vae", num_iters=3)(x, seeded(0, 1)) - x
+    wiggle = lambda d: (d[..., 1:] - d[..., :-1]).abs().mean()  # noqa: E731
+    assert wiggle(smooth) < 0.5 * wiggle(rough)
+
+
+def test_a_flat_budget_keeps_the_change_small_where_the_photo_is_flat():
+    x = torch.zeros(1, 3, 48, 48)
+    x[..., 24:] = random_images(1, size=48)[..., 24:]  # the left half flat, the right half textured
+    attack = build("vae", flat_budget=0.25)
+    change = (attack(x, seeded(0)) - x).abs()
+    assert change[..., :, :12].max() <= 0.25 * attack.eps + 1e-6  # flat, away from the textured half's window
+    assert change[..., :, 36:].max() > 0.5 * attack.eps  # textured: the whole budget is there to use
+    with pytest.raises(ValueError, match="flat_budget"):
+        build("vae", flat_budget=0.5, norm="l2", eps=4.0)
 
 
 def test_momentum_accumulates_l1_normalised_gradients():

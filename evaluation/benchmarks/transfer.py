@@ -5,15 +5,18 @@
 For every face model of `--models` (default: the three of the offline assets), the photos are protected by FaceLock
 attacking all the others together (`--fr_model a,b`) and judged by the one left out, for each attack configuration
 (`--configs`: plain PGD, the per-image maximum over the attacked models instead of their mean, momentum, input
-diversity, translation invariance, their combinations, expectation over JPEG, an L2 budget, and `single`: one attacked
-model alone, as the toolkit did before ensembles, `single-di` with input diversity). A photo counts as protected when
-the held-out model's similarity between it and the TAESD round trip of its protected copy is below that model's
-threshold at a 1 % false-accept rate, calibrated on the same photos' identities (a round trip in which the model finds
-no face counts as protected: nothing can be matched). Reported without cleanup, after JPEG 75 and after resizing to
-half plus JPEG 75, with the similarity by the attacked models, the perturbation's PSNR and SSIM and the seconds per
-photo. The photos are 256 px squares around each face (`crops`) and the whole portraits at 512 px (`full`, attacked in
-the square around the face, `--region face`). Protected photos are kept, so a rerun resumes; `faces-holdout/` is
-refused.
+diversity, translation invariance, their combinations, expectation over JPEG or over the way photos are shared
+(`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `flat`), surrogate diversity (`sn`) and landmark
+jitter (`jit`), an L2 budget, and `single`: one attacked model alone, as `--preset small` attacks, `single-...` with
+the named levers). A photo counts as protected when the held-out model's similarity between it and the TAESD round
+trip of its protected copy is below that model's threshold at a 1 % false-accept rate, calibrated on the same
+photos' identities (a round trip in which the model finds no face counts as protected: nothing can be matched).
+Reported as posted, after JPEG 75, after JPEG 50 and after a resize to 1080 px + JPEG 85 (what `evaluation.check`
+calls sharing), with the similarity by the attacked models, the perturbation's PSNR and SSIM, its change on the flat
+parts of the photos (`evaluation.metrics.flat`) and the seconds per photo; `zoom_<kind>.png` shows the flattest
+part of the first photo three times enlarged for every configuration. The photos are 256 px squares around each
+face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square around the face, `--region face`).
+Protected photos are kept, so a rerun resumes; `faces-holdout/` is refused.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ from ..calibration import calibrate, default_faces, labelled_photos
 from ..cleanups import CLEANUPS
 from ..metrics.base import nanmean
 from ..metrics.facial import FaceSimilarity
+from ..metrics.flat import flat_change
 from ..metrics.psnr import psnr
 from ..metrics.ssim import ssim
+from ..report import grid
 from .crops import face_crop
 from .results import write_results
 
@@ -76,8 +81,22 @@ CONFIGS = {
     "mi-di-eot2": {"momentum": 1.0, "input_diversity": 0.5, "eot": "jpeg,resize", "eot_samples": 2},
     "l2": {"norm": "l2"},  # budget --l2_budget (the L2 length of the change), step an eighth of it
     "l2-eot": {"norm": "l2", "eot": "jpeg,resize"},
+    # the way photos are shared (Sharing: a resize, one or two JPEGs) and face models never attacked
+    "single-di-share": {"input_diversity": 0.5, "eot": "share"},
+    "single-di-share2": {"input_diversity": 0.5, "eot": "share", "eot_samples": 2},
+    "single-di-share-cubic": {"input_diversity": 0.5, "eot": "share-cubic"},
+    "single-di-luma": {"input_diversity": 0.5, "chroma": 0.3},
+    "single-di-luma-share": {"input_diversity": 0.5, "chroma": 0.3, "eot": "share"},
+    "single-di-smooth-share": {"input_diversity": 0.5, "smooth_perturbation": 3, "eot": "share"},
+    "single-di-flat": {"input_diversity": 0.5, "flat_budget": 0.3},
+    "single-di-sn": {"input_diversity": 0.5, "surrogate_noise": 0.05},
+    "single-di-jit": {"input_diversity": 0.5, "landmark_jitter": 3.0},
+    "single-di-sn-jit-share": {"input_diversity": 0.5, "surrogate_noise": 0.05, "landmark_jitter": 3.0,
+                               "eot": "share"},
+    "di-sn-jit-share": {"input_diversity": 0.5, "surrogate_noise": 0.05, "landmark_jitter": 3.0, "eot": "share"},
 }
-JUDGED_CLEANUPS = ("none", "jpeg75", "resize0.5+jpeg75")
+#: How a protected photo is judged: as posted, after JPEG 75 and 50, and resized to 1080 px + JPEG 85 (the check's).
+JUDGED_CLEANUPS = ("none", "jpeg75", "jpeg50", "1080+jpeg85")
 KINDS = ("crops", "full")
 
 
@@ -182,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = []
     for kind in kinds:
+        zooms = []
         sources = {n: pil_to_tensor(load_image(folders[kind] / f"{n}.png")).to(device) for n in names[kind]}
         judges = {}
         for m in models:
@@ -198,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows += judge(args, kind, model, alone(attacked, config), config, folder,
                               names[kind], sources, judges, autoencoder, thresholds[model].threshold)
                 write_csv(rows, output / "transfer.csv")
+            zooms.append((model, [zoomed(runs[c] / f"{names[kind][0]}.png", folders[kind] / f"{names[kind][0]}.png",
+                                         output / "zoom" / kind / model / f"{c}.png") for c in runs]))
+        sheet = grid(list(runs), zooms, size=ZOOM * ZOOM_SIDE)
+        atomic_write(output / f"zoom_{kind}.png", lambda tmp: sheet.save(tmp, format="PNG"))
     text = report(rows, thresholds, args)
     atomic_write(output / "transfer.md", lambda tmp: tmp.write_text(text))
     if args.results:
@@ -205,6 +229,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "evaluation.benchmarks.transfer", argv, [device])
     print(text)
     return 0
+
+
+#: The zoomed window a person looks at: this many pixels of the flattest part of the first photo, this many times.
+ZOOM_SIDE, ZOOM = 48, 3
+
+
+def zoomed(path: Path, clean: Path, target: Path) -> Path:
+    """The flattest `ZOOM_SIDE` px square of the clean photo (lowest standard deviation, on an 8-pixel grid), cut from
+    the photo at `path` and enlarged `ZOOM` times without smoothing (so that every changed pixel shows), saved to
+    `target`."""
+    reference = np.asarray(load_image(clean).convert("L"), dtype=np.float64)
+    height, width = reference.shape
+    best, corner = math.inf, (0, 0)
+    for top in range(0, height - ZOOM_SIDE + 1, 8):
+        for left in range(0, width - ZOOM_SIDE + 1, 8):
+            spread = reference[top:top + ZOOM_SIDE, left:left + ZOOM_SIDE].std()
+            if spread < best:
+                best, corner = spread, (left, top)
+    window = load_image(path).crop((*corner, corner[0] + ZOOM_SIDE, corner[1] + ZOOM_SIDE))
+    save_png(np.asarray(window.resize((ZOOM * ZOOM_SIDE,) * 2, Image.NEAREST)), target)
+    return target
 
 
 @torch.no_grad()
@@ -224,9 +269,11 @@ def judge(args, kind: str, held_out: str, attacked: list[str], config: str, fold
             round_trip = autoencoder(cleaned).float().clamp(-1, 1)
             held = judges[held_out].score(round_trip, [n]).item()
             white = nanmean([judges[m].score(round_trip, [n]).item() for m in attacked])
+            flat_mean, flat_max = flat_change(protected, x)
             rows.append({"kind": kind, "held_out": held_out, "config": config, "photo": n, "cleanup": cleanup,
                          "fr_held_out": held, "protected": bool(math.isnan(held) or held <= threshold),
                          "fr_attacked": white, "psnr": psnr(protected, x).item(), "ssim": ssim(protected, x).item(),
+                         "flat_mean": flat_mean.item(), "flat_max": flat_max.item(),
                          "linf_255": round(float((protected - x).abs().max()) * 127.5),
                          "seconds": timing.get(n, 0.0)})
     return rows
@@ -239,6 +286,10 @@ def report(rows: list[dict], thresholds: dict, args: argparse.Namespace) -> str:
     def fraction(chosen: list[dict]) -> str:
         return f"{np.mean([r['protected'] for r in chosen]):.0%}" if chosen else "n/a"
 
+    def largest(chosen: list[dict], key: str) -> str:
+        values = [r[key] for r in chosen if not math.isnan(r[key])]
+        return f"{max(values):.0f}" if values else "n/a"
+
     def mean(chosen: list[dict], key: str, digits: int = 3) -> str:
         values = [r[key] for r in chosen if not (isinstance(r[key], float) and (math.isnan(r[key])
                                                                                  or math.isinf(r[key])))]
@@ -250,16 +301,17 @@ def report(rows: list[dict], thresholds: dict, args: argparse.Namespace) -> str:
              "(" + ", ".join(f"{m} {c.threshold:.3f}" for m, c in thresholds.items()) + "; a round trip without a "
              "detectable face counts as protected).", ""]
     for kind in dict.fromkeys(r["kind"] for r in rows):
-        lines += [f"### {kind}", "", "| held out | config | protected: none / JPEG 75 / resize+JPEG 75 | held-out FR "
-                  "(none / JPEG 75) | attacked FR | PSNR (dB) | SSIM | L-inf (/255, largest) | s / photo |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {kind}", "", "| held out | config | protected: none / JPEG 75 / JPEG 50 / 1080 px + JPEG 85 | "
+                  "held-out FR (none / JPEG 75) | attacked FR | PSNR (dB) | SSIM | flat: mean / largest (/255) | "
+                  "L-inf (/255, largest) | s / photo |", "|---|---|---|---|---|---|---|---|---|---|"]
         for model in dict.fromkeys(r["held_out"] for r in rows if r["kind"] == kind):
             for config in dict.fromkeys(r["config"] for r in rows if r["kind"] == kind and r["held_out"] == model):
                 mine = {c: select(kind=kind, held_out=model, config=config, cleanup=c) for c in JUDGED_CLEANUPS}
                 lines.append(f"| {model} | {config} | " + " / ".join(fraction(mine[c]) for c in JUDGED_CLEANUPS)
                              + f" | {mean(mine['none'], 'fr_held_out')} / {mean(mine['jpeg75'], 'fr_held_out')} | "
                              f"{mean(mine['none'], 'fr_attacked')} | {mean(mine['none'], 'psnr', 1)} | "
-                             f"{mean(mine['none'], 'ssim')} | {max(r['linf_255'] for r in mine['none'])} | "
+                             f"{mean(mine['none'], 'ssim')} | {mean(mine['none'], 'flat_mean', 2)} / "
+                             f"{largest(mine['none'], 'flat_max')} | {max(r['linf_255'] for r in mine['none'])} | "
                              f"{mean(mine['none'], 'seconds', 1)} |")
         lines.append("")
     return "\n".join(lines)

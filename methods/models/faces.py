@@ -10,11 +10,13 @@ several face models behind the same interface (one detection, similarities combi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +25,8 @@ from skimage.transform import SimilarityTransform
 from torch import nn
 
 from utils import ModelUnavailable
+
+from ..randomness import normal_noise, uniform_noise
 
 logger = logging.getLogger(__name__)
 
@@ -174,20 +178,34 @@ class FaceEmbedder(nn.Module):
                 out.append(np.array([[sx, 0, -x0 * sx - 0.5 + 0.5 * sx], [0, sy, -y0 * sy - 0.5 + 0.5 * sy]]))
         return torch.tensor(np.array(out).reshape(-1, 2, 3), dtype=torch.float64)
 
-    def forward(self, crops: torch.Tensor, faces: Faces | None = None, matrices: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Unit embeddings of `[-1, 1]` crops."""
+    def forward(self, crops: torch.Tensor, faces: Faces | None = None, matrices: torch.Tensor | None = None,
+                weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Unit embeddings of `[-1, 1]` crops; with `weights` (name -> tensor), the network runs with those in place
+        of its own parameters (a perturbed copy of the model, `noisy_weights`)."""
         kernel = next(self.network.parameters())
         low, high = self.input_range
         x = ((crops.float() + 1) / 2 * (high - low) + low).to(kernel.dtype)
         if self.bgr:
             x = x.flip(1)
+        inputs = (x,)
         if self.keypoints:
             points = _apply(matrices, faces.landmarks.double().cpu()) / torch.tensor([self.size[1], self.size[0]])
-            features = self.network(x, points.to(x))
+            inputs = (x, points.to(x))
+        if weights is None:
+            features = self.network(*inputs)
         else:
-            features = self.network(x)
+            features = torch.func.functional_call(self.network, weights, inputs)
         return F.normalize(features.float().flatten(1), dim=1)
+
+    def noisy_weights(self, sigma: float, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """A randomly perturbed copy of the network's weights: each multiplied by `1 + sigma * n`, `n` standard
+        normal, drawn from `generator` (surrogate diversity: one copy per image and step)."""
+        out = {}
+        for name, weight in self.network.named_parameters():
+            if weight.is_floating_point():
+                noise = normal_noise(torch.empty((1, *weight.shape)), generator)[0].to(weight)
+                out[name] = weight * (1 + sigma * noise)
+        return out
 
 
 def _apply(matrices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -220,6 +238,8 @@ class FaceIdentity(nn.Module):
         super().__init__()
         self.embedder = embedder
         self.detector = detector
+        #: (sigma, one generator per image) while `diversified` is on: each image sees a perturbed copy.
+        self.diversity: tuple[float, list] | None = None
 
     @property
     def name(self) -> str:
@@ -229,15 +249,16 @@ class FaceIdentity(nn.Module):
         """The face-recognition networks doing the work (what `--compile` compiles)."""
         return [self.embedder.network]
 
-    def embed(self, images: torch.Tensor, faces: Faces | None = None) -> tuple[torch.Tensor, Faces, torch.Tensor]:
-        """Embeddings (`K x D`) of the faces in `images`, detecting them unless `faces` is given; also returns the
-        faces and their crop matrices."""
+    def embed(self, images: torch.Tensor, faces: Faces | None = None, weights: dict | None = None
+              ) -> tuple[torch.Tensor, Faces, torch.Tensor]:
+        """Embeddings (`K x D`) of the faces in `images`, detecting them unless `faces` is given (by the network's
+        own weights, or `weights` in their place); also returns the faces and their crop matrices."""
         faces = self.detector(images) if faces is None else faces
         matrices = self.embedder.matrices(faces)
         if len(faces.index) == 0:
             return images.new_zeros((0, 1)), faces, matrices
         crops = crop_faces(images.float(), faces, matrices, self.embedder.size)
-        return self.embedder(crops, faces, matrices), faces, matrices
+        return self.embedder(crops, faces, matrices, weights=weights), faces, matrices
 
     def reference(self, x: torch.Tensor, faces: Faces | None = None) -> FaceReference:
         """The clean faces of `x`: detected here unless `faces` (found by another model's detector) is given."""
@@ -249,10 +270,26 @@ class FaceIdentity(nn.Module):
         return crop_faces(y.float(), reference.faces, reference.matrices, self.embedder.size)
 
     def similarity(self, crops: torch.Tensor, reference: FaceReference, count: int) -> torch.Tensor:
-        """Per image of `count`, the summed cosine similarity of the `crops` to the clean embeddings."""
+        """Per image of `count`, the summed cosine similarity of the `crops` to the clean embeddings. Within
+        `diversified`, each image's faces are embedded by a perturbed copy of the network of its own."""
         faces = reference.faces
-        similarity = (self.embedder(crops, faces, reference.matrices) * reference.embeddings).sum(dim=1)
+        if self.diversity is None:
+            embeddings = self.embedder(crops, faces, reference.matrices)
+        else:
+            sigma, generators = self.diversity
+            embeddings = crops.new_zeros((len(crops), reference.embeddings.shape[1]), dtype=torch.float32)
+            for i in sorted(set(faces.index.tolist())):
+                rows = (faces.index == i).nonzero().flatten()
+                mine = Faces(faces.index[rows], faces.boxes[rows], faces.landmarks[rows], faces.count)
+                weights = self.embedder.noisy_weights(sigma, generators[i])
+                embeddings = embeddings.index_copy(0, rows, self.embedder(crops[rows], mine, reference.matrices[
+                    rows.cpu()], weights=weights).float())
+        similarity = (embeddings * reference.embeddings).sum(dim=1)
         return crops.new_zeros(count, dtype=torch.float32).index_add(0, faces.index, similarity.float())
+
+    def jittered(self, reference: FaceReference, generators: list, amount: float) -> FaceReference:
+        """`reference` with each crop moved a little, as another detector would place it (`jitter_draws`)."""
+        return moved(reference, self.embedder.size, jitter_draws(reference.faces, generators, amount))
 
     def forward(self, y: torch.Tensor, reference: FaceReference) -> torch.Tensor:
         if len(reference.faces.index) == 0:
@@ -318,9 +355,59 @@ class FaceEnsemble(nn.Module):
             values.append(member.similarity(crops[key], ref, len(y)))
         return torch.stack(values)
 
+    def jittered(self, reference: EnsembleReference, generators: list, amount: float) -> EnsembleReference:
+        """`reference` with each face's crop moved a little, the same move for every member (`jitter_draws`)."""
+        draws = jitter_draws(reference.faces, generators, amount)
+        return EnsembleReference(reference.faces, [moved(ref, member.embedder.size, draws)
+                                                   for member, ref in zip(self.members, reference.members)])
+
     def forward(self, y: torch.Tensor, reference: EnsembleReference) -> torch.Tensor:
         values = self.per_model(y, reference)
         return values.mean(dim=0) if self.combine == "mean" else values.max(dim=0).values
+
+
+@contextlib.contextmanager
+def diversified(face: nn.Module, sigma: float, generators: list) -> Iterator[None]:
+    """Within this block, every face model of `face` (a `FaceIdentity` or each member of a `FaceEnsemble`) embeds
+    each image's faces with its own randomly perturbed copy of its network (`FaceEmbedder.noisy_weights`, drawn
+    from that image's generator): surrogate diversity, for protection that carries over to face models never
+    attacked. Nothing changes when `sigma` is 0."""
+    models = list(face.members) if isinstance(face, FaceEnsemble) else [face]
+    if not sigma:
+        yield
+        return
+    for model in models:
+        model.diversity = (sigma, generators)
+    try:
+        yield
+    finally:
+        for model in models:
+            model.diversity = None
+
+
+def jitter_draws(faces: Faces, generators: list, amount: float) -> list[tuple[float, float, float, float]]:
+    """Per face, how a detector that places faces a little differently would move its crop: a turn of up to
+    `amount` degrees, a scale of up to `amount` %, a shift of up to `amount` % of the side each way, drawn from its
+    image's generator."""
+    draws = []
+    for k in faces.index.tolist():
+        u = uniform_noise(torch.empty(1, 4), -1.0, 1.0, generators[k])[0].double().tolist()
+        draws.append((math.radians(amount * u[0]), 1 + amount / 100 * u[1], amount / 100 * u[2], amount / 100 * u[3]))
+    return draws
+
+
+def moved(reference: FaceReference, size: tuple[int, int], draws: list) -> FaceReference:
+    """`reference` cropping each face moved by its draw of `jitter_draws` about the centre of a `size` crop; the
+    clean embeddings are unchanged."""
+    height, width = size
+    centre = np.array([(width - 1) / 2, (height - 1) / 2])
+    out = []
+    for matrix, (angle, scale, dx, dy) in zip(reference.matrices.double().numpy(), draws):
+        turn = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        shift = centre - turn @ centre + np.array([dx * width, dy * height])
+        out.append(np.hstack([turn, shift[:, None]]) @ np.vstack([matrix, [0, 0, 1]]))
+    matrices = torch.tensor(np.array(out).reshape(-1, 2, 3), dtype=reference.matrices.dtype)
+    return FaceReference(reference.faces, matrices, reference.embeddings)
 
 
 # --------------------------------------------------------------------------------------------------- loading

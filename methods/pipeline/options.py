@@ -48,6 +48,11 @@ class ProtectionOptions:
     ti_kernel: int = 0
     schedule: str = "linear"
     norm: str = "linf"
+    chroma: float = 1.0
+    smooth_perturbation: int = 0
+    flat_budget: float = 1.0
+    surrogate_noise: float = 0.0
+    landmark_jitter: float = 0.0
     # editshield and diffusion
     fidelity_weight: float | None = None
     diffusion_steps: int | None = None
@@ -207,6 +212,13 @@ def validate(o: ProtectionOptions) -> None:
     if o.momentum < 0 or not 0 <= o.input_diversity <= 1 or (o.ti_kernel and o.ti_kernel % 2 == 0) \
             or o.ti_kernel < 0:
         raise OptionError("--momentum must be >= 0, --input_diversity in [0, 1] and --ti_kernel 0 or odd")
+    even = o.smooth_perturbation and o.smooth_perturbation % 2 == 0
+    if not 0 <= o.chroma <= 1 or o.smooth_perturbation < 0 or even or not 0 < o.flat_budget <= 1 \
+            or o.surrogate_noise < 0 or o.landmark_jitter < 0:
+        raise OptionError("--chroma must be in [0, 1], --smooth_perturbation 0 or odd, --flat_budget in (0, 1] and "
+                          "--surrogate_noise and --landmark_jitter >= 0")
+    if o.flat_budget < 1 and o.norm != "linf":
+        raise OptionError("--flat_budget shapes an L-infinity budget; it does not go with --norm l2")
     unknown = sorted(set(o.eot.split(",")) - set(EOT_TRANSFORMS)) if o.eot else []
     if unknown:
         raise OptionError(f"--eot takes a subset of {','.join(EOT_TRANSFORMS)}; unknown: {','.join(unknown)}")
@@ -260,6 +272,21 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PGD methods: probability per step of a random shrink-and-pad of the input (DI; 0: off)")
     method.add_argument("--ti_kernel", type=int,
                         help="PGD methods: smooth the gradient with a Gaussian of this odd size in pixels (TI; 0: off)")
+    method.add_argument("--chroma", type=float,
+                        help="PGD methods: keep this share of the perturbation's colour (the rest of the budget goes "
+                             "to luminance, which JPEG keeps best; 1: off, 0: grey changes only)")
+    method.add_argument("--smooth_perturbation", type=int,
+                        help="PGD methods: smooth the perturbation after every step with a Gaussian of this odd size "
+                             "in pixels, so it lives in the low frequencies JPEG keeps (0: off)")
+    method.add_argument("--flat_budget", type=float,
+                        help="PGD methods: the share of the budget allowed where the photo is flat (sky, walls), "
+                             "rising to all of it where its texture hides the change (1: off)")
+    method.add_argument("--surrogate_noise", type=float,
+                        help="facelock, facecloak: each step attacks randomly perturbed copies of the face models "
+                             "(weights times 1 + this times noise; e.g. 0.05), for face models never attacked (0: off)")
+    method.add_argument("--landmark_jitter", type=float,
+                        help="facelock: each step crops the face as another detector might (turned up to this many "
+                             "degrees, moved and scaled up to this many %%; e.g. 3; 0: off)")
     method.add_argument("--norm", choices=list(NORM_DEFAULTS),
                         help="PGD methods: linf (default) or l2, where --attack_budget is the L2 length of the whole "
                              "perturbation in [-1, 1] units and steps follow the normalised gradient (defaults then: "

@@ -28,6 +28,7 @@ from methods.models import loading
 from methods.models.downloads import sha256_of
 from methods.models.faces import FaceDetector, NoFaceError
 from methods.progress import progress_bar
+from methods.registry import accepted_options
 from methods.transforms import eot_transform
 from utils import (
     InputError,
@@ -94,15 +95,24 @@ def load_attacked_editor(options: ProtectionOptions, device: torch.device) -> to
                                                vae=options.vae, progress=False))
 
 
+#: The levers a method takes only if it says so (its constructor names them): flag, option, the value that is off.
+LEVERS = (("--eot", "eot", None), ("--momentum", "momentum", 0.0), ("--input_diversity", "input_diversity", 0.0),
+          ("--ti_kernel", "ti_kernel", 0), ("--norm l2", "norm", "linf"), ("--chroma", "chroma", 1.0),
+          ("--smooth_perturbation", "smooth_perturbation", 0), ("--flat_budget", "flat_budget", 1.0),
+          ("--surrogate_noise", "surrogate_noise", 0.0), ("--landmark_jitter", "landmark_jitter", 0.0))
+
+
 def build_attack(options: ProtectionOptions, device: torch.device, progress: bool = True) -> methods.Attack:
     """Load the models the chosen method needs and build it from the options."""
     cls = methods.get_method(options.defend_method)
-    levers = [flag for flag, on in (("--eot", options.eot), ("--momentum", options.momentum),
-                                    ("--input_diversity", options.input_diversity), ("--ti_kernel", options.ti_kernel),
-                                    ("--norm l2", options.norm == "l2")) if on]
-    if levers and not issubclass(cls, methods.PGDAttack):
-        pgd = ", ".join(name for name, c in methods.METHODS.items() if issubclass(c, methods.PGDAttack))
-        raise UserError(f"{' and '.join(levers)} work(s) with the PGD methods ({pgd}), not {options.defend_method}")
+    refused = [flag for flag, name, on in LEVERS if getattr(options, name) != on and name not in accepted_options(cls)]
+    if refused:
+        takers = [n for n, c in methods.METHODS.items()
+                  if all(name in accepted_options(c) for flag, name, _ in LEVERS if flag in refused)]
+        pgd = [n for n, c in methods.METHODS.items() if issubclass(c, methods.PGDAttack)]
+        kind = "the PGD methods" if takers == pgd else "the methods"
+        raise UserError(f"{' and '.join(refused)} work(s) with {kind} ({', '.join(takers)}), not "
+                        f"{options.defend_method}")
     dtype = pick_dtype(options.dtype, device)
     components = {}
     if "autoencoder" in cls.models:
@@ -129,7 +139,9 @@ def build_attack(options: ProtectionOptions, device: torch.device, progress: boo
         targeted=o.targeted, c=o.c, lr=o.lr, allow_no_face=o.allow_no_face, target_fr=o.target_fr,
         progress=progress, eot=eot_transform(o.eot.split(",")) if o.eot else None, eot_samples=o.eot_samples,
         momentum=o.momentum, input_diversity=o.input_diversity, ti_kernel=o.ti_kernel, schedule=o.schedule,
-        norm=o.norm, fidelity_weight=o.fidelity_weight, steps=o.diffusion_steps, grad_reps=o.grad_reps,
+        norm=o.norm, chroma=o.chroma, smooth_perturbation=o.smooth_perturbation, flat_budget=o.flat_budget,
+        surrogate_noise=o.surrogate_noise, landmark_jitter=o.landmark_jitter, fidelity_weight=o.fidelity_weight,
+        steps=o.diffusion_steps, grad_reps=o.grad_reps,
         guidance_scale=o.guidance_scale, image_guidance_scale=o.image_guidance_scale, strength=o.strength,
         prompt=o.attack_prompt, gradient_checkpointing=o.gradient_checkpointing,
         detector=FaceDetector(keep=o.faces), mask=load_mask(o.mask) if o.mask else None, focus=o.focus_list,
@@ -155,7 +167,10 @@ def describe_attack(options: ProtectionOptions, attack: methods.Attack) -> str:
         parts.append(f"EOT over {o.eot} ({o.eot_samples} per step)")
     levers = [f"{name} {value}" for name, value in (("momentum", o.momentum), ("DI", o.input_diversity),
                                                      ("TI kernel", o.ti_kernel)) if value]
-    if levers and isinstance(attack, methods.PGDAttack):
+    levers += [f"{name} {value}" for name, value, off in (
+        ("chroma", o.chroma, 1.0), ("smoothed", o.smooth_perturbation, 0), ("flat budget", o.flat_budget, 1.0),
+        ("surrogate noise", o.surrogate_noise, 0.0), ("landmark jitter", o.landmark_jitter, 0.0)) if value != off]
+    if levers:
         parts.append(", ".join(levers))
     if "autoencoder" in attack.models:
         parts.append(f"autoencoder {o.vae or o.model_id + ' (vae)'}")
@@ -355,7 +370,8 @@ DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters"
             "eot", "eot_samples", "momentum", "input_diversity", "ti_kernel", "schedule", "max_size", "region",
             "bucket", "norm", "fidelity_weight", "diffusion_steps", "grad_reps", "guidance_scale",
             "image_guidance_scale", "strength", "attack_prompt", "mask", "gallery", "focus", "sticker_budget",
-            "highpass_budget", "variations", "mask_size", "arc2face", "near", "mask_l2")
+            "highpass_budget", "variations", "mask_size", "arc2face", "near", "mask_l2", "chroma",
+            "smooth_perturbation", "flat_budget", "surrogate_noise", "landmark_jitter")
 #: Where a run of a method that learns (FaceCloak) keeps what it learned (the identity mask), beside the outputs.
 MASK_FILE = "facecloak_mask.safetensors"
 
