@@ -11,7 +11,7 @@ from torch import nn
 
 from .base import PGDAttack
 from .models.autoencoder import as_autoencoder
-from .models.faces import NoFaceError, diversified
+from .models.faces import NoFaceError, antialiased, diversified
 from .randomness import Generators, per_sample_generators
 from .registry import register
 
@@ -58,7 +58,10 @@ class FaceLock(PGDAttack):
     step, with a randomly perturbed copy of each attacked face model (its weights times `1 + surrogate_noise * n`,
     drawn from the image's generator; surrogate diversity, after DPA's perturbed surrogates), and `landmark_jitter`
     crops the face where another detector would put it (turned by up to that many degrees, scaled and moved by up to
-    that many % of the crop, drawn per face and step).
+    that many % of the crop, drawn per face and step). For photos resized on their way (an editor's working size, a
+    platform's) and faces larger than the face model's crop: `antialias` crops faces with antialiasing
+    (`methods.models.faces.crop_faces`), so that the change covers every pixel of the face instead of the pixels
+    the model's bilinear alignment samples (on a face three times the crop's side, two in five).
 
     An image in which no face is found raises `NoFaceError`, unless `allow_no_face`: then that image is
     protected with the latent and perceptual terms only. With `target_fr`, an image stops as soon as the FR
@@ -79,12 +82,12 @@ class FaceLock(PGDAttack):
                  fr_weight: float = 1.0, latent_weight: float = 0.2, lpips_weight: float = 1.0,
                  fr_start: float = 0.35, lpips_start: float = 0.25, allow_no_face: bool = False,
                  target_fr: float | None = None, surrogate_noise: float = 0.0, landmark_jitter: float = 0.0,
-                 **options) -> None:
+                 antialias: bool = False, **options) -> None:
         super().__init__(**options)
         if surrogate_noise < 0 or landmark_jitter < 0:
             raise ValueError(f"need surrogate_noise >= 0 and landmark_jitter >= 0, got {surrogate_noise} and "
                              f"{landmark_jitter}")
-        self.surrogate_noise, self.landmark_jitter = surrogate_noise, landmark_jitter
+        self.surrogate_noise, self.landmark_jitter, self.antialias = surrogate_noise, landmark_jitter, antialias
         self.generators: list | None = None  # the per-image generators of the call in progress
         self.autoencoder = as_autoencoder(autoencoder)
         self.face = face
@@ -103,7 +106,8 @@ class FaceLock(PGDAttack):
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         self.generators = per_sample_generators(generator, len(x))
         try:
-            return super().perturb(x, generator)
+            with antialiased(self.face, self.antialias):
+                return super().perturb(x, generator)
         finally:
             self.generators = None
 

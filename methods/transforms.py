@@ -68,6 +68,9 @@ class Identity(Transform):
     def __call__(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         return x
 
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return x
+
 
 class JPEG(Transform):
     """A differentiable JPEG as libjpeg (Pillow's codec) makes and reads one: 8-bit YCbCr, 4:2:0 chroma (2 x 2 means,
@@ -384,6 +387,7 @@ class RandomChoice(Transform):
 
 #: The distributions `--eot` draws from: each covers the cleanups of the robustness benchmark.
 EOT_TRANSFORMS = {
+    "none": lambda: Identity(),  # the photo as posted: mixed in (`none,share`), the EOT keeps protecting it too
     "jpeg": lambda: JPEG(quality=(50, 95)),
     "resize": lambda: Resize(scale=(0.5, 0.9)),
     "blur": lambda: GaussianBlur(sigma=(0.5, 1.5)),

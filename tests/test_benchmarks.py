@@ -91,6 +91,23 @@ def test_speed_benchmark_schedule_weights_facelocks_phases():
     assert benchmark_speed.schedule(methods.create("encoder", autoencoder=AUTOENCODERS["tiny"]())) == {0: 100}
 
 
+def test_speed_benchmark_times_every_sharing_lever(monkeypatch):
+    import argparse
+
+    from conftest import AUTOENCODERS, random_images, tiny_face_identity
+
+    built = []
+    real_create = benchmark_speed.methods.create
+    monkeypatch.setattr(benchmark_speed.methods, "create", lambda *a, **k: built.append(k) or real_create(*a, **k))
+    monkeypatch.setattr(benchmark_speed, "LEVER_ITERATIONS", 2)
+    rows = benchmark_speed.sharing_levers(argparse.Namespace(repeats=1), torch.device("cpu"), tiny_face_identity(),
+                                          AUTOENCODERS["tiny"](), random_images(1, size=64))
+    assert [r[0] for r in rows] == list(benchmark_speed.SHARING_LEVERS) and rows[0][2] == "1.00x"
+    assert all(float(r[1]) > 0 for r in rows)
+    assert built[1]["eot"] is not None and built[-1]["antialias"] is True  # each row runs its own lever
+    assert all(k["input_diversity"] == 0.5 and k["perceptual"] is None for k in built)
+
+
 def test_reference_loop_recomputes_the_clean_references_at_every_iteration():
     from conftest import AUTOENCODERS, random_images, tiny_face_identity, tiny_lpips
 
@@ -129,17 +146,48 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
                and r["flat_max"] != "nan")
     assert {(r["held_out"], r["config"]) for r in rows} == {("sface", "none"), ("sface", "mi"), ("sface", "l2")}
     assert max(int(r["linf_255"]) for r in rows if r["config"] == "mi") == 3  # 0.03 is 3.8 levels
-    l2 = (out / "protected" / "crops" / "sface" / "l2" / "budget_4.0" / "manifest.json").read_text()
+    l2 = (out / "protected" / "crops" / "mobilefacenet" / "l2" / "budget_4.0" / "manifest.json").read_text()
     assert '"norm": "l2"' in l2 and '"step_size": 0.5' in l2 and '"attack_budget": 4.0' in l2
     unprotected = [r for r in rows if r["config"] == "none" and r["cleanup"] == "none"]
     assert all(float(r["fr_held_out"]) > 0.5 and r["protected"] == "False" for r in unprotected)
-    manifest = (out / "protected" / "crops" / "sface" / "mi" / "budget_0.03" / "manifest.json").read_text()
+    manifest = (out / "protected" / "crops" / "mobilefacenet" / "mi" / "budget_0.03" / "manifest.json").read_text()
     assert '"fr_model": "mobilefacenet"' in manifest and '"momentum": 1.0' in manifest
     table = (out / "transfer.md").read_text()
     assert "| sface | mi |" in table and "| sface | l2 |" in table and "flat: mean / largest" in table
     assert Image.open(out / "zoom_crops.png").size == (3 * 144, 18 + 144 + 18)  # clean, mi, l2 for one held-out model
     stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
     assert benchmark_transfer.main(argv) == 0  # resumes: nothing protected again
+    assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
+    capsys.readouterr()
+
+
+def test_portraits_benchmark_checks_whole_photos_at_their_own_size(assets, tmp_path, capsys):
+    from evaluation.benchmarks import portraits
+
+    with pytest.raises(UserError, match="name=flags"):
+        portraits.parse_configs("plain;aa=--antialias")
+    faces = tmp_path / "faces"
+    for person, name in (("obama", "obama.jpg"), ("biden", "biden2.jpg")):
+        (faces / person).mkdir(parents=True)
+        image = load_image(assets / "faces" / person / name)
+        image.thumbnail((320, 320))
+        image.save(faces / person / f"{Path(name).stem}.png")
+    out = tmp_path / "out"
+    argv = ["--faces", str(faces), "--output", str(out), "--judge", "mobilefacenet", "--device", "cpu",
+            "--configs", "plain=--num_iters 2 --input_diversity 0; aa=--num_iters 2 --antialias"]
+    assert portraits.main(argv) == 0
+    with (out / "portraits.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 3  # configs x photos x ways of sharing, one judge
+    assert {r["sharing"] for r in rows} == {"as posted", "JPEG 75", "1080 px + JPEG 85"}
+    assert all((r["protected"] == "True") == (r["verdict"] == "not recognised") for r in rows)
+    assert all(float(r["psnr"]) > 30 and r["size"] in ("256x320", "320x320") for r in rows)
+    manifest = (out / "protected" / "aa" / "budget_0.03" / "manifest.json").read_text()
+    assert '"antialias": true' in manifest and '"fr_model": "sface"' in manifest
+    table = (out / "portraits.md").read_text()
+    assert table.count("**all**") == 2 and "of 2" in table and "`--num_iters 2 --antialias`" in table
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
+    assert portraits.main(argv) == 0  # resumes: nothing protected again
     assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
     capsys.readouterr()
 

@@ -43,6 +43,33 @@ def test_alignment_matches_a_reference_warp_and_passes_gradients():
     assert grad[:5, :5].sum() == 0 and images.grad[1].abs().sum() == 0  # outside the crop, and other images, not
 
 
+def test_antialiased_crops_reach_every_pixel_of_a_face_larger_than_the_crop():
+    images = random_images(2, size=256)  # the landmarks span about 80 px: the 32 px crop shrinks the face 2.5 times
+    faces = centre_faces(images)
+    matrices = FaceEmbedder(TinyFaceNet(), size=(32, 32)).matrices(faces)
+    box = faces.boxes[0].int().tolist()
+    coverage = {}
+    for antialias in (False, True):
+        leaf = images.clone().requires_grad_(True)
+        crops = crop_faces(leaf, faces, matrices, (32, 32), antialias)
+        crops[0].sum().backward()
+        grad = leaf.grad[0].abs().sum(dim=0)[box[1] + 20:box[3] - 20, box[0] + 20:box[2] - 20]
+        coverage[antialias] = (grad > 0).float().mean().item()
+        assert leaf.grad[1].abs().sum() == 0
+    assert coverage[False] < 0.5 and coverage[True] == 1.0
+    ramp = torch.linspace(-1, 1, 256).expand(2, 3, 256, 256)  # linear: a blur leaves it as it is, so any shift shows
+    plain, shrunk = crop_faces(ramp, faces, matrices, (32, 32)), crop_faces(ramp, faces, matrices, (32, 32), True)
+    assert (plain - shrunk)[..., 4:-4, 4:-4].abs().max() < 1e-3  # the same place in the photo
+    smooth = torch.nn.functional.interpolate(random_images(2, size=4), size=(256, 256), mode="bilinear")
+    plain, shrunk = crop_faces(smooth, faces, matrices, (32, 32)), crop_faces(smooth, faces, matrices, (32, 32), True)
+    assert (plain - shrunk)[..., 2:-2, 2:-2].abs().max() < 0.06  # and nearly the same crop of a smooth photo
+    small = random_images(1, size=32)  # a face no larger than the crop is cropped exactly as without antialiasing
+    small_faces = centre_faces(small)
+    small_matrices = FaceEmbedder(TinyFaceNet(), size=(32, 32)).matrices(small_faces)
+    assert torch.equal(crop_faces(small, small_faces, small_matrices, (32, 32)),
+                       crop_faces(small, small_faces, small_matrices, (32, 32), True))
+
+
 def test_box_alignment_crops_the_detector_box():
     images = random_images(1, size=64)
     faces = Faces(index=torch.tensor([0]), boxes=torch.tensor([[16.0, 8.0, 48.0, 56.0]]),

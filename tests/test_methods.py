@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -342,6 +344,39 @@ def test_facelock_s_levers_switched_off_change_nothing():
     off = build("facelock", surrogate_noise=0.0, landmark_jitter=0.0, chroma=1.0, smooth_perturbation=0,
                 flat_budget=1.0)(x, seeded(0, 1))
     assert torch.equal(plain, off)
+
+
+def test_antialiased_faces_spread_the_change_over_a_large_face():
+    class PassThrough(torch.nn.Module):  # an autoencoder that gives the image back: the face model alone decides
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = torch.nn.Conv2d(3, 3, 1)
+
+        def encode(self, x):
+            return SimpleNamespace(latents=x)
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z)
+
+    def facelock(**options):
+        return methods.create("facelock", autoencoder=PassThrough(), face=tiny_face_identity(), perceptual=None,
+                              latent_weight=0.0, fr_start=0.0, num_iters=3, eps=0.03, step_size=0.06,
+                              schedule="constant", **options)
+
+    x = random_images(2, size=128)  # the face three times the tiny model's 32 px crop
+    attack = facelock(antialias=True)
+    for model in attack.modules():  # float64: batch and single agree bit for bit
+        model.double()
+    batch = attack(x, seeded(0, 1))
+    assert (batch - x).abs().max() <= attack.eps + 1e-6 and torch.equal(batch, attack(x, seeded(0, 1)))
+    assert torch.equal(batch, torch.cat([attack(x[i:i + 1], seeded(i)) for i in range(2)]))
+    assert attack.face.antialias is False  # switched off again after the call
+    plain = facelock()(x, seeded(0, 1))
+    face = (slice(None), slice(None), slice(50, 100), slice(45, 85))  # inside the eyes-to-mouth square
+    # steps drive a pixel that gets gradient to the budget's edge; one that gets none stays at the random start
+    at_edge = {name: ((y - x)[face].abs() >= attack.eps - 1e-6).float().mean().item()
+               for name, y in (("plain", plain), ("antialias", batch))}
+    assert at_edge["plain"] < 0.6 and at_edge["antialias"] > 0.9, at_edge
 
 
 def test_luma_and_smooth_perturbations_take_the_shape_asked_for():

@@ -64,6 +64,13 @@ def test_differentiable_transforms_pass_gradients(name):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_none_mixed_in_leaves_some_draws_as_posted():
+    x = portrait(64)
+    mixed = eot_transform(["none", "share"])
+    unchanged = [torch.equal(mixed(x, seeded(seed)), x) for seed in range(20)]
+    assert 3 < sum(unchanged) < 17  # about half the draws keep the photo as it is, the others share it
+
+
 def test_the_real_codec_is_not_claimed_differentiable():
     assert not PillowJPEG.differentiable and not Compose(Resize(0.5), PillowJPEG(75)).differentiable
     assert RandomChoice([Resize(0.5), JPEG(75)]).differentiable

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Sequence, TypeVar
+
 import numpy as np
 from PIL import Image
 
 from methods.models.faces import FaceDetector
 from utils import pil_to_tensor
+
+T = TypeVar("T")
+
+
+def spread(items: Sequence[T], count: int) -> list[T]:
+    """`count` of `items` (all where there are fewer), spread evenly over them from the first."""
+    count = min(count, len(items))
+    return [items[round(k * len(items) / count)] for k in range(count)]
 
 
 def face_crop(image: Image.Image, size: int, detector: FaceDetector) -> Image.Image:

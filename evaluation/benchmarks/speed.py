@@ -42,6 +42,7 @@ from methods.pipeline.photos import photos_under
 from methods.pipeline.placement import face_region, paste, place, work_image
 from methods.pipeline.protect import protect_folder
 from methods.randomness import uniform_noise
+from methods.transforms import eot_transform
 from utils import PNG_LEVEL, UserError, cpu_generator, load_image, pil_to_tensor, run_script, save_png
 
 from ..calibration import default_faces
@@ -256,6 +257,32 @@ def end_to_end(args: argparse.Namespace, device: torch.device, face, taesd) -> l
         run = lambda: attack(x, [cpu_generator(0)])  # noqa: E731
         seconds = median_seconds(run, device, max(1, args.repeats - 1))
         rows.append([f"{size}x{size}", f"{seconds:.1f}"])
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+#: The levers for photos that are shared and for face models never attacked, each on top of `--preset small`'s
+#: FaceLock (TAESD, the face model, input diversity 0.5, no LPIPS term).
+SHARING_LEVERS = {"--preset small (input diversity 0.5)": {}, "+ --eot share": {"eot": "share"},
+                  "+ --chroma 0.3": {"chroma": 0.3}, "+ --smooth_perturbation 3": {"smooth_perturbation": 3},
+                  "+ --flat_budget 0.3": {"flat_budget": 0.3}, "+ --surrogate_noise 0.05": {"surrogate_noise": 0.05},
+                  "+ --landmark_jitter 3": {"landmark_jitter": 3.0}, "+ --antialias": {"antialias": True}}
+#: Iterations each lever is timed over (the preset's schedule shrunk: the face term joins after 35 % of them).
+LEVER_ITERATIONS = 20
+
+
+def sharing_levers(args: argparse.Namespace, device: torch.device, face, taesd, x: torch.Tensor) -> list[list]:
+    """Seconds per iteration of `--preset small`'s FaceLock with each lever of `SHARING_LEVERS`, whole attacks."""
+    rows, base = [], None
+    for label, extra in SHARING_LEVERS.items():
+        if "eot" in extra:
+            extra = {**extra, "eot": eot_transform([extra["eot"]])}
+        attack = methods.create("facelock", autoencoder=taesd, face=face, perceptual=None, input_diversity=0.5,
+                                num_iters=LEVER_ITERATIONS, **extra)
+        seconds = median_seconds(lambda: attack(x, [cpu_generator(0)]), device, max(1, args.repeats - 1))
+        per_iteration = seconds / LEVER_ITERATIONS
+        base = base or per_iteration
+        rows.append([label, f"{per_iteration:.3f}", f"{per_iteration / base:.2f}x"])
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -503,6 +530,16 @@ def levers_section(b: Bench, emit: Emit) -> None:
     emit()
 
 
+def sharing_section(b: Bench, emit: Emit) -> None:
+    size = max(b.args.sizes)
+    emit(f"## {b.where}: what each lever for shared photos and unseen face models costs (FaceLock with TAESD + "
+         f"{b.args.fr_model}, the bundled portrait at {size} px, {LEVER_ITERATIONS} iterations)")
+    emit()
+    emit(table(["levers", "s / iteration", "against the preset"],
+               sharing_levers(b.args, b.device, b.face, b.taesd, portrait(size, b.device))))
+    emit()
+
+
 def reference_section(b: Bench, emit: Emit) -> None:
     emit(f"## {b.where}: FaceLock with the SD 1.5 VAE at 256 px, against the official loop")
     emit()
@@ -542,6 +579,7 @@ SECTIONS: dict[str, Section] = {
     "iteration": Section(iteration_section),
     "components": Section(components_section),
     "levers": Section(levers_section),
+    "sharing": Section(sharing_section),
     "reference": Section(reference_section),
     "end_to_end": Section(end_to_end_section),
     "memory": Section(lambda b, emit: memory_and_protection(b.args, b.device, b.face, emit)),

@@ -6,16 +6,16 @@ For every face model of `--models` (default: the three of the offline assets), t
 attacking all the others together (`--fr_model a,b`) and judged by the one left out, for each attack configuration
 (`--configs`: plain PGD, the per-image maximum over the attacked models instead of their mean, momentum, input
 diversity, translation invariance, their combinations, expectation over JPEG or over the way photos are shared
-(`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `flat`), surrogate diversity (`sn`) and landmark
-jitter (`jit`), an L2 budget, and `single`: one attacked model alone, as `--preset small` attacks, `single-...` with
-the named levers). A photo counts as protected when the held-out model's similarity between it and the TAESD round
-trip of its protected copy is below that model's threshold at a 1 % false-accept rate, calibrated on the same
-photos' identities (a round trip in which the model finds no face counts as protected: nothing can be matched).
-Reported as posted, after JPEG 75, after JPEG 50 and after a resize to 1080 px + JPEG 85 (what `evaluation.check`
-calls sharing), with the similarity by the attacked models, the perturbation's PSNR and SSIM, its change on the flat
-parts of the photos (`evaluation.metrics.flat`) and the seconds per photo; `zoom_<kind>.png` shows the flattest
-part of the first photo three times enlarged for every configuration. The photos are 256 px squares around each
-face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square around the face, `--region face`).
+(`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `flat`), surrogate diversity (`sn`), landmark jitter
+(`jit`), antialiased face crops (`aa`), an L2 budget, and `single`: one attacked model alone, as `--preset small`
+attacks, `single-...` with the named levers). A photo counts as protected when the held-out model's similarity between
+it and the TAESD round trip of its protected copy is below that model's threshold at a 1 % false-accept rate, calibrated
+on the same photos' identities (a round trip in which the model finds no face counts as protected: nothing can be
+matched). Reported as posted, after JPEG 75, after JPEG 50 and after a resize to 1080 px + JPEG 85 (what
+`evaluation.check` calls sharing), with the similarity by the attacked models, the perturbation's PSNR and SSIM, its
+change on the flat parts of the photos (`evaluation.metrics.flat`) and the seconds per photo; `zoom_<kind>.png` shows
+the flattest part of the first photo three times enlarged for every configuration. The photos are 256 px squares around
+each face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square around the face, `--region face`).
 Protected photos are kept, so a rerun resumes; `faces-holdout/` is refused.
 """
 
@@ -60,7 +60,7 @@ from ..metrics.flat import flat_change
 from ..metrics.psnr import psnr
 from ..metrics.ssim import ssim
 from ..report import grid
-from .crops import face_crop
+from .crops import face_crop, spread
 from .results import write_results
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,13 @@ CONFIGS = {
     "single-di-sn-jit-share": {"input_diversity": 0.5, "surrogate_noise": 0.05, "landmark_jitter": 3.0,
                                "eot": "share"},
     "di-sn-jit-share": {"input_diversity": 0.5, "surrogate_noise": 0.05, "landmark_jitter": 3.0, "eot": "share"},
+    "single-di-mix": {"input_diversity": 0.5, "eot": "none,share"},  # half the steps as posted, half shared
+    "single-di-mix2": {"input_diversity": 0.5, "eot": "none,share", "eot_samples": 2},
+    "single-di-sn-jit": {"input_diversity": 0.5, "surrogate_noise": 0.05, "landmark_jitter": 3.0},
+    "single-di-sn-jit-mix": {"input_diversity": 0.5, "surrogate_noise": 0.05, "landmark_jitter": 3.0,
+                             "eot": "none,share"},
+    "single-di-aa": {"input_diversity": 0.5, "antialias": True},
+    "single-di-aa-share": {"input_diversity": 0.5, "antialias": True, "eot": "share"},
 }
 #: How a protected photo is judged: as posted, after JPEG 75 and 50, and resized to 1080 px + JPEG 85 (the check's).
 JUDGED_CLEANUPS = ("none", "jpeg75", "jpeg50", "1080+jpeg85")
@@ -148,8 +155,7 @@ def prepare_photos(photos: list[tuple[Path, str]], output: Path, kinds: Sequence
 
 def subset(folder: Path, count: int) -> Path:
     """A folder beside `folder` holding `count` of its photos, spread evenly over their sorted names."""
-    photos = sorted(folder.glob("*.png"))
-    chosen = [photos[round(k * len(photos) / count)] for k in range(min(count, len(photos)))]
+    chosen = spread(sorted(folder.glob("*.png")), count)
     target = folder.with_name(f"{folder.name}-{len(chosen)}")
     target.mkdir(exist_ok=True)
     for path in chosen:
@@ -211,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model in held_out:
             attacked = [m for m in models if m != model]
             runs = {"none": folders[kind]}
-            for config in configs:
-                runs[config] = protect(args, folders[kind], output / "protected" / kind / model / config, attacked,
-                                       config, kind)
+            for config in configs:  # kept by the models attacked, so that held-out models that share them share it
+                runs[config] = protect(args, folders[kind], output / "protected" / kind /
+                                       "+".join(alone(attacked, config)) / config, attacked, config, kind)
             for config, folder in runs.items():
                 rows += judge(args, kind, model, alone(attacked, config), config, folder,
                               names[kind], sources, judges, autoencoder, thresholds[model].threshold)

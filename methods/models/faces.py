@@ -135,10 +135,35 @@ def warp_affine(t: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int], 
     return F.grid_sample(t, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
-def crop_faces(images: torch.Tensor, faces: Faces, matrices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def crop_faces(images: torch.Tensor, faces: Faces, matrices: torch.Tensor, size: tuple[int, int],
+               antialias: bool = False) -> torch.Tensor:
     """Differentiable crops: face `k` of image `faces.index[k]` warped by `matrices[k]` (2 x 3, image pixels to
-    crop pixels) into a `size` (height, width) crop. Outside the image is black, as with OpenCV's warpAffine."""
-    return warp_affine(images[faces.index] + 1, matrices, size) - 1
+    crop pixels) into a `size` (height, width) crop. Outside the image is black, as with OpenCV's warpAffine.
+
+    With `antialias`, a face that the crop shrinks is first resized (antialiased) to the crop's scale, so that every
+    pixel of the face reaches the crop; without it, bilinear sampling reads the four pixels around each crop pixel
+    and, on a face several times the crop's size, skips the rest."""
+    if not antialias:
+        return warp_affine(images[faces.index] + 1, matrices, size) - 1
+    crops = [warp_affine(*shrunk_for(images[i:i + 1] + 1, matrix), size)
+             for i, matrix in zip(faces.index.tolist(), matrices)]
+    return torch.cat(crops) - 1 if crops else images.new_zeros((0, images.shape[1], *size))
+
+
+def shrunk_for(image: torch.Tensor, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`image` (`1 x C x h x w`) resized with antialiasing to the scale of the warp `matrix` (2 x 3) where that
+    shrinks it, and the matrix that warps the resized image the same way (`1 x 2 x 3`)."""
+    m = matrix.detach().cpu().double().numpy()
+    scale = math.sqrt(abs(np.linalg.det(m[:, :2])))
+    if scale >= 1:
+        return image, matrix[None]
+    height, width = image.shape[-2:]
+    size = (max(round(height * scale), 1), max(round(width * scale), 1))
+    fy, fx = size[0] / height, size[1] / width
+    # a resized pixel u' sits at (u' + 0.5) / f - 0.5 in the image (pixel centres at integers)
+    back = np.array([[1 / fx, 0, 0.5 / fx - 0.5], [0, 1 / fy, 0.5 / fy - 0.5], [0, 0, 1]])
+    resized = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized, torch.tensor((np.vstack([m, [0, 0, 1]]) @ back)[None, :2], dtype=matrix.dtype)
 
 
 class FaceEmbedder(nn.Module):
@@ -240,6 +265,8 @@ class FaceIdentity(nn.Module):
         self.detector = detector
         #: (sigma, one generator per image) while `diversified` is on: each image sees a perturbed copy.
         self.diversity: tuple[float, list] | None = None
+        #: Whether faces are cropped with antialiasing (`crop_faces`): on within `antialiased`.
+        self.antialias = False
 
     @property
     def name(self) -> str:
@@ -257,7 +284,7 @@ class FaceIdentity(nn.Module):
         matrices = self.embedder.matrices(faces)
         if len(faces.index) == 0:
             return images.new_zeros((0, 1)), faces, matrices
-        crops = crop_faces(images.float(), faces, matrices, self.embedder.size)
+        crops = crop_faces(images.float(), faces, matrices, self.embedder.size, self.antialias)
         return self.embedder(crops, faces, matrices, weights=weights), faces, matrices
 
     def reference(self, x: torch.Tensor, faces: Faces | None = None) -> FaceReference:
@@ -267,7 +294,7 @@ class FaceIdentity(nn.Module):
 
     def crops(self, y: torch.Tensor, reference: FaceReference) -> torch.Tensor:
         """`y` cropped at the clean faces' positions, as this model's embedder takes them."""
-        return crop_faces(y.float(), reference.faces, reference.matrices, self.embedder.size)
+        return crop_faces(y.float(), reference.faces, reference.matrices, self.embedder.size, self.antialias)
 
     def similarity(self, crops: torch.Tensor, reference: FaceReference, count: int) -> torch.Tensor:
         """Per image of `count`, the summed cosine similarity of the `crops` to the clean embeddings. Within
@@ -383,6 +410,24 @@ def diversified(face: nn.Module, sigma: float, generators: list) -> Iterator[Non
     finally:
         for model in models:
             model.diversity = None
+
+
+@contextlib.contextmanager
+def antialiased(face: nn.Module, on: bool = True) -> Iterator[None]:
+    """Within this block (where `on`), every face model of `face` (a `FaceIdentity` or each member of a
+    `FaceEnsemble`) crops faces with antialiasing (`crop_faces`), so that an attack's change covers the whole face
+    rather than the pixels its alignment samples, and survives a resize or another detector's alignment."""
+    models = list(face.members) if isinstance(face, FaceEnsemble) else [face]
+    if not on:
+        yield
+        return
+    for model in models:
+        model.antialias = True
+    try:
+        yield
+    finally:
+        for model in models:
+            model.antialias = False
 
 
 def jitter_draws(faces: Faces, generators: list, amount: float) -> list[tuple[float, float, float, float]]:

@@ -53,6 +53,7 @@ class ProtectionOptions:
     flat_budget: float = 1.0
     surrogate_noise: float = 0.0
     landmark_jitter: float = 0.0
+    antialias: bool = False
     # editshield and diffusion
     fidelity_weight: float | None = None
     diffusion_steps: int | None = None
@@ -287,6 +288,9 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--landmark_jitter", type=float,
                         help="facelock: each step crops the face as another detector might (turned up to this many "
                              "degrees, moved and scaled up to this many %%; e.g. 3; 0: off)")
+    method.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None,
+                        help="facelock: the face model sees each face through an antialiased resize to its crop, so "
+                             "the change covers the whole face and survives a resize (--no-antialias: off)")
     method.add_argument("--norm", choices=list(NORM_DEFAULTS),
                         help="PGD methods: linf (default) or l2, where --attack_budget is the L2 length of the whole "
                              "perturbation in [-1, 1] units and steps follow the normalised gradient (defaults then: "
