@@ -293,7 +293,7 @@ def test_the_l2_budget_holds_in_the_saved_file_and_is_refused_where_it_does_not_
     assert 1.8 < l2_length(protected, clean) <= 2.0
     assert np.abs(protected.astype(int) - clean.astype(int)).max() > 3  # what no L-infinity 0.03 run could do
     assert "largest L2" in capsys.readouterr().out
-    with pytest.raises(UserError, match="--norm l2 work.* with the PGD methods"):
+    with pytest.raises(UserError, match=r"--norm l2 work\(s\) with the methods \(encoder, .*\), not cw"):
         defend.main(["--input_path", str(photos / "a.png"), "--defend_method", "cw", "--vae", str(tiny_vae_dir),
                      "--norm", "l2", *FAST])
 
