@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -135,12 +136,12 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
             image.save(faces / person / f"{Path(name).stem}.png")
     out = tmp_path / "out"
     argv = ["--faces", str(faces), "--output", str(out), "--models", "sface,mobilefacenet", "--held_out", "sface",
-            "--configs", "mi,l2", "--kinds", "crops", "--num_iters", "2", "--device", "cpu", "--l2_budget", "4",
-            "--vae", str(assets / "models" / "taesd")]
+            "--configs", "mi,l2", "--kinds", "crops", "--photos", "2", "--num_iters", "2", "--device", "cpu",
+            "--l2_budget", "4", "--vae", str(assets / "models" / "taesd")]
     assert benchmark_transfer.main(argv) == 0
     with (out / "transfer.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 3 * 4  # (unprotected + the two configs) x photos x cleanups
+    assert len(rows) == 3 * 2 * 4  # (unprotected + the two configs) x the two photos of --photos x cleanups
     assert {r["cleanup"] for r in rows} == {"none", "jpeg75", "jpeg50", "1080+jpeg85"}
     assert all(0 <= float(r["flat_mean"]) <= float(r["flat_max"]) <= 3 for r in rows if r["config"] == "mi"
                and r["flat_max"] != "nan")
@@ -156,8 +157,15 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
     assert "| sface | mi |" in table and "| sface | l2 |" in table and "flat: mean / largest" in table
     assert Image.open(out / "zoom_crops.png").size == (3 * 144, 18 + 144 + 18)  # clean, mi, l2 for one held-out model
     stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
-    assert benchmark_transfer.main(argv) == 0  # resumes: nothing protected again
+    judged = json.loads((out / "judged.json").read_text())
+    marked = next(key for key in judged if "|mi|" in key)
+    judged[marked][0]["fr_held_out"] = -0.5  # a value no judging gives: seen again only if read from judged.json
+    (out / "judged.json").write_text(json.dumps(judged))
+    assert benchmark_transfer.main(argv) == 0  # resumes: nothing protected or judged again
     assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
+    with (out / "transfer.csv").open() as f:
+        again = list(csv.DictReader(f))
+    assert [r["fr_held_out"] for r in again].count("-0.5") == 1 and len(again) == len(rows)
     capsys.readouterr()
 
 
@@ -187,8 +195,15 @@ def test_portraits_benchmark_checks_whole_photos_at_their_own_size(assets, tmp_p
     table = (out / "portraits.md").read_text()
     assert table.count("**all**") == 2 and "of 2" in table and "`--num_iters 2 --antialias`" in table
     stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
-    assert portraits.main(argv) == 0  # resumes: nothing protected again
+    judged = json.loads((out / "judged.json").read_text())
+    assert len(judged) == 2 * 2  # configs x photos
+    next(iter(judged.values()))[0]["similarity"] = -0.5  # no check gives it: seen again only if read from the record
+    (out / "judged.json").write_text(json.dumps(judged))
+    assert portraits.main(argv) == 0  # resumes: nothing protected or checked again
     assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
+    with (out / "portraits.csv").open() as f:
+        again = list(csv.DictReader(f))
+    assert [r["similarity"] for r in again].count("-0.5") == 1 and len(again) == len(rows)
     capsys.readouterr()
 
 

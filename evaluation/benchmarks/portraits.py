@@ -9,8 +9,8 @@ extra protection flags, `name=flags;name=flags`, `default=` the preset alone), a
 editor's round trip at its working size (up to `--max_size` px) after each way of sharing (as posted, JPEG 75, resize
 to 1080 px + JPEG 85), by face models the protection did not attack (`--judge`), at their calibrated thresholds. A
 photo counts as protected in a way of sharing when no judge recognises the face. Also reported: each judge's
-similarity, the PSNR and the change on the photo's flat parts (`evaluation.metrics.flat`). Protected photos are kept,
-so a rerun resumes; `faces-holdout/` is refused.
+similarity, the PSNR and the change on the photo's flat parts (`evaluation.metrics.flat`). Protected photos and the
+verdicts (`judged.json`) are kept, so a rerun resumes and checks only what is new; `faces-holdout/` is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from methods.models.downloads import sha256_of
 from methods.models.loading import load_autoencoder
 from methods.pipeline.options import flags, resolve
 from methods.pipeline.protect import protect_folder
@@ -33,6 +34,7 @@ from ..calibration import default_faces, labelled_photos
 from ..check import EDITOR_VAE, Checker, load_judges
 from ..metrics.flat import flat_change
 from .crops import spread
+from .judged import read_judged, write_judged
 from .results import write_results
 
 
@@ -85,24 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     attacked = ",".join(sorted({m for o in chosen.values() for m in o.fr_model.split(",")}))
     judges = load_judges(args.judge, device, protection_fr_model=attacked)
     checker = Checker(load_autoencoder(EDITOR_VAE, "", device, torch.float32), judges, EDITOR_VAE, args.max_size)
-    rows = []
+    judged_by = ",".join(f"{j.name} {j.calibration.threshold if j.calibration else ''}" for j in judges)
+    rows, judged = [], read_judged(output / "judged.json")
     for name, options in chosen.items():
         protect_folder(options, originals, output / "protected" / name, say=print)
         folder = output / "protected" / name / f"budget_{options.attack_budget}"
         manifest = json.loads((folder / "manifest.json").read_text())
         for output_name, entry in sorted(manifest["outputs"].items()):
             source = Path(entry["source"])
-            original = load_image(originals / source.name)
-            protected = load_image(folder / output_name)
-            report = checker(original, protected)
-            flat_mean, flat_max = flat_change(pil_to_tensor(protected), pil_to_tensor(original))
-            for result in report["results"]:
-                rows.append({"config": name, "photo": source.stem, "size": f"{original.width}x{original.height}",
-                             "sharing": result["sharing"], "judge": result["judge"],
-                             "similarity": result["similarity"], "verdict": result["verdict"],
-                             "protected": report["summary"][result["sharing"]] == "not recognised",
-                             "psnr": report["psnr"], "flat_mean": flat_mean.item(), "flat_max": flat_max.item(),
-                             "seconds": entry["seconds"]})
+            key = "|".join((name, sha256_of(originals / source.name), sha256_of(folder / output_name), judged_by,
+                            str(args.max_size)))
+            if key not in judged:
+                judged[key] = checked(checker, name, originals / source.name, folder / output_name, entry["seconds"])
+                write_judged(output / "judged.json", judged)
+            rows += judged[key]
             write_csv(rows, output / "portraits.csv")
     text = report_table(rows, configs, judges, args)
     atomic_write(output / "portraits.md", lambda tmp: tmp.write_text(text))
@@ -111,6 +109,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "evaluation.benchmarks.portraits", argv, [device])
     print(text)
     return 0
+
+
+def checked(checker: Checker, config: str, original_path: Path, protected_path: Path, seconds: float) -> list[dict]:
+    """The check's verdict on one protected photo: a row per way of sharing and judge."""
+    original, protected = load_image(original_path), load_image(protected_path)
+    report = checker(original, protected)
+    flat_mean, flat_max = flat_change(pil_to_tensor(protected), pil_to_tensor(original))
+    return [{"config": config, "photo": original_path.stem, "size": f"{original.width}x{original.height}",
+             "sharing": result["sharing"], "judge": result["judge"], "similarity": result["similarity"],
+             "verdict": result["verdict"], "protected": report["summary"][result["sharing"]] == "not recognised",
+             "psnr": report["psnr"], "flat_mean": flat_mean.item(), "flat_max": flat_max.item(), "seconds": seconds}
+            for result in report["results"]]
 
 
 def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: argparse.Namespace) -> str:

@@ -16,7 +16,8 @@ matched). Reported as posted, after JPEG 75, after JPEG 50 and after a resize to
 change on the flat parts of the photos (`evaluation.metrics.flat`) and the seconds per photo; `zoom_<kind>.png` shows
 the flattest part of the first photo three times enlarged for every configuration. The photos are 256 px squares around
 each face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square around the face, `--region face`).
-Protected photos are kept, so a rerun resumes; `faces-holdout/` is refused.
+Protected photos and the judged rows (`judged.json`) are kept, so a rerun resumes and judges only what is new;
+`faces-holdout/` is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from PIL import Image
 
 from methods.base import L2_STEP
 from methods.models.autoencoder import as_autoencoder
+from methods.models.downloads import sha256_of
 from methods.models.faces import FaceDetector
 from methods.models.loading import load_autoencoder, load_face_identity
 from methods.pipeline.options import resolve
@@ -61,6 +63,7 @@ from ..metrics.psnr import psnr
 from ..metrics.ssim import ssim
 from ..report import grid
 from .crops import face_crop, spread
+from .judged import read_judged, write_judged
 from .results import write_results
 
 logger = logging.getLogger(__name__)
@@ -205,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{m}: threshold {calibration.threshold:.3f} at FAR {args.far}")
     autoencoder = as_autoencoder(load_autoencoder(args.vae, "", device, torch.float32))
 
-    rows = []
+    rows, judged = [], read_judged(output / "judged.json")
     for kind in kinds:
         zooms = []
         sources = {n: pil_to_tensor(load_image(folders[kind] / f"{n}.png")).to(device) for n in names[kind]}
@@ -222,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        "+".join(alone(attacked, config)) / config, attacked, config, kind)
             for config, folder in runs.items():
                 rows += judge(args, kind, model, alone(attacked, config), config, folder,
-                              names[kind], sources, judges, autoencoder, thresholds[model].threshold)
+                              names[kind], sources, judges, autoencoder, thresholds[model].threshold, judged)
                 write_csv(rows, output / "transfer.csv")
+                write_judged(output / "judged.json", judged)
             zooms.append((model, [zoomed(runs[c] / f"{names[kind][0]}.png", folders[kind] / f"{names[kind][0]}.png",
                                          output / "zoom" / kind / model / f"{c}.png") for c in runs]))
         sheet = grid(list(runs), zooms, size=ZOOM * ZOOM_SIDE)
@@ -260,15 +264,23 @@ def zoomed(path: Path, clean: Path, target: Path) -> Path:
 
 @torch.no_grad()
 def judge(args, kind: str, held_out: str, attacked: list[str], config: str, folder: Path, names: list[str],
-          sources: dict, judges: dict, autoencoder, threshold: float) -> list[dict]:
-    """One row per photo and cleanup: the held-out and attacked similarities of the round trip, and visibility."""
+          sources: dict, judges: dict, autoencoder, threshold: float, judged: dict) -> list[dict]:
+    """One row per photo and cleanup: the held-out and attacked similarities of the round trip, and visibility.
+    Rows already in `judged` for the same photo file, models, threshold, seed and autoencoder are taken from there;
+    new ones are added to it."""
     timing = {}
     if (folder / "manifest.json").is_file():
         timing = {Path(e["source"]).stem: e["seconds"]
                   for e in json.loads((folder / "manifest.json").read_text())["outputs"].values()}
     rows = []
     for n in names:
+        key = "|".join((kind, held_out, "+".join(attacked), config, n, sha256_of(folder / f"{n}.png"),
+                        f"{threshold:.6f}", str(args.seed), args.vae))
+        if key in judged:
+            rows += judged[key]
+            continue
         x, protected = sources[n], pil_to_tensor(load_image(folder / f"{n}.png")).to(sources[n].device)
+        mine = []
         for cleanup in JUDGED_CLEANUPS:
             cleaned = CLEANUPS[cleanup](protected, [cpu_generator(derive_seed(args.seed, cleanup, n))])
             cleaned = ((cleaned.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # saved as an 8-bit file
@@ -276,12 +288,14 @@ def judge(args, kind: str, held_out: str, attacked: list[str], config: str, fold
             held = judges[held_out].score(round_trip, [n]).item()
             white = nanmean([judges[m].score(round_trip, [n]).item() for m in attacked])
             flat_mean, flat_max = flat_change(protected, x)
-            rows.append({"kind": kind, "held_out": held_out, "config": config, "photo": n, "cleanup": cleanup,
+            mine.append({"kind": kind, "held_out": held_out, "config": config, "photo": n, "cleanup": cleanup,
                          "fr_held_out": held, "protected": bool(math.isnan(held) or held <= threshold),
                          "fr_attacked": white, "psnr": psnr(protected, x).item(), "ssim": ssim(protected, x).item(),
                          "flat_mean": flat_mean.item(), "flat_max": flat_max.item(),
                          "linf_255": round(float((protected - x).abs().max()) * 127.5),
                          "seconds": timing.get(n, 0.0)})
+        judged[key] = mine
+        rows += mine
     return rows
 
 
