@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 from methods.models.faces import FaceEmbedder, FaceIdentity, Faces  # noqa: E402
 from methods.models.perceptual import LPIPSDistance  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# the README runs two pytest-xdist workers (-n 2) on 2-core machines: a core each, not both fighting over both
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def tiny_autoencoder_kl():

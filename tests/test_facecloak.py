@@ -333,8 +333,8 @@ def test_facecloak_defaults_are_the_paper_s_and_its_options_are_checked(tmp_path
             protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock",
                                                       *facecloak_only])
     with pytest.raises(SystemExit):
-        protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", "--mask",
-                                                  "m.safetensors"])
+        protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock",
+                                                         "--mask", "m.safetensors"])
     (tmp_path / "m.safetensors").write_text("not a mask")
     with pytest.raises(UserError, match="not an identity mask"):
         protect.load_mask(tmp_path / "m.safetensors")

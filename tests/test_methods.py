@@ -303,7 +303,7 @@ def test_facelock_early_stopping_freezes_only_the_images_that_reached_the_target
 
 
 LEVERS = {"momentum": {"momentum": 1.0}, "diversity": {"input_diversity": 0.7},
-          "translation": {"ti_kernel": 5}, "all": {"momentum": 1.0, "input_diversity": 0.5, "ti_kernel": 3},
+          "translation": {"ti_kernel": 5},
           "chroma": {"chroma": 0.3}, "smooth": {"smooth_perturbation": 3}, "flat": {"flat_budget": 0.3},
           "sharing": {"eot": eot_transform(["share"])}, "surrogate": {"surrogate_noise": 0.1},
           "jitter": {"landmark_jitter": 3.0},

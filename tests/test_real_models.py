@@ -91,7 +91,7 @@ def test_detection_alignment_and_embedding_verify_real_identities(assets, identi
 def test_facelock_breaks_identity_for_a_model_it_never_saw(assets, taesd, identities):
     x = face_photo(assets, "obama/obama.jpg")
     attack = methods.create("facelock", autoencoder=taesd, face=identities["sface"], perceptual=None,
-                            eps=0.03, num_iters=40)
+                            eps=0.03, num_iters=25)
     x_adv = attack(x, SEED)
     judge, ae = identities["mobilefacenet"], as_autoencoder(taesd)
     with torch.no_grad():
