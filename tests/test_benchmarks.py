@@ -122,6 +122,22 @@ def test_reference_loop_recomputes_the_clean_references_at_every_iteration():
     assert references == [face, perceptual] * 4  # as the official loop: every term, every iteration
 
 
+def assert_a_rerun_redoes_nothing(main, argv: list[str], out: Path, table: str, column: str, marked: str,
+                                  rows: list[dict]) -> None:
+    """Rerun a benchmark that has finished: it protects nothing again (the photos keep their times) and judges
+    nothing again (a row of `judged.json` whose key holds `marked`, given a value no judging gives, is in the table
+    unchanged)."""
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
+    judged = json.loads((out / "judged.json").read_text())
+    judged[next(key for key in judged if marked in key)][0][column] = -0.5
+    (out / "judged.json").write_text(json.dumps(judged))
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
+    with (out / table).open() as f:
+        again = list(csv.DictReader(f))
+    assert [r[column] for r in again].count("-0.5") == 1 and len(again) == len(rows)
+
+
 def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, capsys):
     from evaluation.benchmarks import transfer as benchmark_transfer
 
@@ -156,16 +172,7 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
     table = (out / "transfer.md").read_text()
     assert "| sface | mi |" in table and "| sface | l2 |" in table and "flat: mean / largest" in table
     assert Image.open(out / "zoom_crops.png").size == (3 * 144, 18 + 144 + 18)  # clean, mi, l2 for one held-out model
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
-    judged = json.loads((out / "judged.json").read_text())
-    marked = next(key for key in judged if "|mi|" in key)
-    judged[marked][0]["fr_held_out"] = -0.5  # a value no judging gives: seen again only if read from judged.json
-    (out / "judged.json").write_text(json.dumps(judged))
-    assert benchmark_transfer.main(argv) == 0  # resumes: nothing protected or judged again
-    assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
-    with (out / "transfer.csv").open() as f:
-        again = list(csv.DictReader(f))
-    assert [r["fr_held_out"] for r in again].count("-0.5") == 1 and len(again) == len(rows)
+    assert_a_rerun_redoes_nothing(benchmark_transfer.main, argv, out, "transfer.csv", "fr_held_out", "|mi|", rows)
     capsys.readouterr()
 
 
@@ -194,16 +201,8 @@ def test_portraits_benchmark_checks_whole_photos_at_their_own_size(assets, tmp_p
     assert '"antialias": true' in manifest and '"fr_model": "sface"' in manifest
     table = (out / "portraits.md").read_text()
     assert table.count("**all**") == 2 and "of 2" in table and "`--num_iters 2 --antialias`" in table
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")}
-    judged = json.loads((out / "judged.json").read_text())
-    assert len(judged) == 2 * 2  # configs x photos
-    next(iter(judged.values()))[0]["similarity"] = -0.5  # no check gives it: seen again only if read from the record
-    (out / "judged.json").write_text(json.dumps(judged))
-    assert portraits.main(argv) == 0  # resumes: nothing protected or checked again
-    assert {p: p.stat().st_mtime_ns for p in (out / "protected").rglob("*.png")} == stamps
-    with (out / "portraits.csv").open() as f:
-        again = list(csv.DictReader(f))
-    assert [r["similarity"] for r in again].count("-0.5") == 1 and len(again) == len(rows)
+    assert len(json.loads((out / "judged.json").read_text())) == 2 * 2  # configs x photos
+    assert_a_rerun_redoes_nothing(portraits.main, argv, out, "portraits.csv", "similarity", "aa|", rows)
     capsys.readouterr()
 
 
