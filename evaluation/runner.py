@@ -106,7 +106,8 @@ def evaluate(metrics: Sequence[Metric], sets: Sequence[EditSet], prompts: Sequen
             names = [n for n in sorted(edits) if (with_clean and n in cleans) or (with_source and n in sources)]
             for metric in with_source:
                 metric.set_prompt(prompts[i])
-            bar = progress_bar(total=len(names), desc=f"{edit_set.label} {folder.name}", leave=False, disable=not progress)
+            bar = progress_bar(total=len(names), desc=f"{edit_set.label} {folder.name}", leave=False,
+                               disable=not progress)
             for batch in batches_by_size(names, lambda n: image_size(edits[n]), batch_size):
                 _score_batch(results, edit_set.label, i, batch, edits, cleans, sources, with_clean, with_source)
                 bar.update(len(batch))
@@ -239,8 +240,8 @@ def build_parser(keys: Sequence[str], description: str) -> argparse.ArgumentPars
         parser.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="CLIP hub id or folder")
     if "fr" in keys:
         parser.add_argument("--fr_model", default="facenet",
-                            help="face model judging identity: facenet, sface, mobilefacenet, mobileface, adaface (runs "
-                                 "code from its hub repository) or an .onnx path (psr with --psr_gallery: a "
+                            help="face model judging identity: facenet, sface, mobilefacenet, mobileface, adaface "
+                                 "(runs code from its hub repository) or an .onnx path (psr with --psr_gallery: a "
                                  "comma-separated list scores the gallery PSR by each)")
         parser.add_argument("--fr_landmarks", default="detect", choices=["detect", "source"],
                             help="find the face in each edit again (default) or crop where the source's face was")

@@ -205,8 +205,9 @@ def members(face: nn.Module) -> list[nn.Module]:
 @register
 class FaceCloak(Attack):
     """FaceCloak ("Personalized Face Privacy Protection From a Single Image"; official code
-    https://github.com/zacharyyahn/FaceCloak): a universal, identity-specific perturbation learned once from a few photos of a person
-    (plus synthetic variations of them) and added to any later photo of that person, with no optimisation per photo.
+    https://github.com/zacharyyahn/FaceCloak): a universal, identity-specific perturbation learned once from a few
+    photos of a person (plus synthetic variations of them) and added to any later photo of that person, with no
+    optimisation per photo.
 
     The mask lives in the aligned face space: the ArcFace 112 x 112 template, or `mask_size` (a multiple of it). On
     a photo it is warped by the inverse of the similarity that aligns that photo's five landmarks onto the template,

@@ -11,7 +11,7 @@ from torch import nn
 
 from .base import PGDAttack
 from .models.autoencoder import as_autoencoder
-from .models.faces import NoFaceError, antialiased, diversified
+from .models.faces import NoFaceError, antialiased, diversified, featured
 from .randomness import Generators, per_sample_generators
 from .registry import register
 
@@ -55,13 +55,15 @@ class FaceLock(PGDAttack):
             (e.g. `methods.models.perceptual.LPIPSDistance`), or None to drop the term.
 
     For face models it never saw (each off by default): `surrogate_noise` embeds each image's reconstruction, at every
-    step, with a randomly perturbed copy of each attacked face model (its weights times `1 + surrogate_noise * n`,
-    drawn from the image's generator; surrogate diversity, after DPA's perturbed surrogates), and `landmark_jitter`
-    crops the face where another detector would put it (turned by up to that many degrees, scaled and moved by up to
-    that many % of the crop, drawn per face and step). For photos resized on their way (an editor's working size, a
-    platform's) and faces larger than the face model's crop: `antialias` crops faces with antialiasing
-    (`methods.models.faces.crop_faces`), so that the change covers every pixel of the face instead of the pixels
-    the model's bilinear alignment samples (on a face three times the crop's side, two in five).
+    step, with a randomly perturbed copy of each attacked face model (its weights times `1 + surrogate_noise * n`, drawn
+    from the image's generator; surrogate diversity, after DPA's perturbed surrogates), and `landmark_jitter` crops the
+    face where another detector would put it (turned by up to that many degrees, scaled and moved by up to that many %
+    of the crop, drawn per face and step), and `feature_weight` adds to each face model's similarity that weight times
+    the similarity of its middle feature map to the clean face's (a feature-level loss, after FIA and ILA:
+    `methods.models.faces.featured`; the FR term, and `target_fr`, then count both). For photos resized on their way (an
+    editor's working size, a platform's) and faces larger than the face model's crop: `antialias` crops faces with
+    antialiasing (`methods.models.faces.crop_faces`), so that the change covers every pixel of the face instead of the
+    pixels the model's bilinear alignment samples (on a face three times the crop's side, two in five).
 
     An image in which no face is found raises `NoFaceError`, unless `allow_no_face`: then that image is
     protected with the latent and perceptual terms only. With `target_fr`, an image stops as soon as the FR
@@ -82,12 +84,13 @@ class FaceLock(PGDAttack):
                  fr_weight: float = 1.0, latent_weight: float = 0.2, lpips_weight: float = 1.0,
                  fr_start: float = 0.35, lpips_start: float = 0.25, allow_no_face: bool = False,
                  target_fr: float | None = None, surrogate_noise: float = 0.0, landmark_jitter: float = 0.0,
-                 antialias: bool = False, **options) -> None:
+                 antialias: bool = False, feature_weight: float = 0.0, **options) -> None:
         super().__init__(**options)
-        if surrogate_noise < 0 or landmark_jitter < 0:
-            raise ValueError(f"need surrogate_noise >= 0 and landmark_jitter >= 0, got {surrogate_noise} and "
-                             f"{landmark_jitter}")
+        if surrogate_noise < 0 or landmark_jitter < 0 or feature_weight < 0:
+            raise ValueError(f"need surrogate_noise, landmark_jitter and feature_weight >= 0, got {surrogate_noise}, "
+                             f"{landmark_jitter} and {feature_weight}")
         self.surrogate_noise, self.landmark_jitter, self.antialias = surrogate_noise, landmark_jitter, antialias
+        self.feature_weight = feature_weight
         self.generators: list | None = None  # the per-image generators of the call in progress
         self.autoencoder = as_autoencoder(autoencoder)
         self.face = face
@@ -106,7 +109,7 @@ class FaceLock(PGDAttack):
     def perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         self.generators = per_sample_generators(generator, len(x))
         try:
-            with antialiased(self.face, self.antialias):
+            with antialiased(self.face, self.antialias), featured(self.face, self.feature_weight):
                 return super().perturb(x, generator)
         finally:
             self.generators = None

@@ -422,7 +422,7 @@ def test_the_levers_for_sharing_and_unseen_models_keep_the_budget_and_the_input(
         write_photo(images / f"p{k}.png", size=(72, 64), seed=k)
     before = {p.name: digest(p) for p in images.iterdir()}
     levers = ["--chroma", "0.5", "--smooth_perturbation", "3", "--flat_budget", "0.5", "--eot", "share",
-              "--surrogate_noise", "0.05", "--landmark_jitter", "2", "--antialias"]
+              "--surrogate_noise", "0.05", "--landmark_jitter", "2", "--antialias", "--feature_weight", "1"]
     common = ["--image_dir", str(images), "--defend_method", "facelock", "--vae", str(tiny_vae_dir), "--fr_model",
               str(face), "--lpips", "none", "--allow_no_face", *FAST]
     for out in ("one", "two"):
@@ -435,5 +435,7 @@ def test_the_levers_for_sharing_and_unseen_models_keep_the_budget_and_the_input(
     with pytest.raises(UserError, match="--surrogate_noise work.* with the methods .*facelock.*, not vae"):
         main_defend.main([*common[:3], "vae", *common[4:], "--surrogate_noise", "0.05", "--output_dir",
                           str(tmp_path / "three")])
-    with pytest.raises(UserError, match="--antialias work.* with the methods \\(facelock\\), not encoder"):
-        main_defend.main([*common[:3], "encoder", *common[4:], "--antialias", "--output_dir", str(tmp_path / "four")])
+    with pytest.raises(UserError, match="--antialias and --feature_weight work.* with the methods \\(facelock\\), not "
+                                        "encoder"):
+        main_defend.main([*common[:3], "encoder", *common[4:], "--antialias", "--feature_weight", "1", "--output_dir",
+                          str(tmp_path / "four")])

@@ -15,6 +15,8 @@ from methods.models.faces import (
     FaceIdentity,
     Faces,
     crop_faces,
+    diversified,
+    featured,
     load_onnx_embedder,
     read_contract,
 )
@@ -117,6 +119,31 @@ def test_embeddings_are_unit_vectors_and_follow_the_input_contract():
     network.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
     FaceEmbedder(network, size=(32, 32), input_range=(0, 255), bgr=True)(crops)
     assert torch.allclose(seen[0], ((crops + 1) * 127.5).flip(1))
+
+
+def test_a_feature_level_loss_adds_the_middle_feature_map_s_similarity_within_its_block():
+    identity = tiny_face_identity()
+    network = identity.embedder.network
+    # the leaf modules giving a 4-D map: conv, relu, conv, relu, pool; the middle one is the second conv
+    assert identity.embedder.feature_layer() is network.layers[2]
+    x, y = random_images(2, size=48, seed=0), random_images(2, size=48, seed=1)
+    plain = identity(y, identity.reference(x))
+    seen = []
+    network.layers[2].register_forward_hook(lambda m, i, out: seen.append(out.flatten(1)))
+    with featured(identity, 0.5):
+        reference = identity.reference(x)
+        featured_value = identity(y, reference)
+    clean_maps, adv_maps = seen
+    by_hand = plain + 0.5 * torch.nn.functional.cosine_similarity(adv_maps, clean_maps, dim=1)
+    assert torch.allclose(featured_value, by_hand, atol=1e-5) and not torch.allclose(featured_value, plain)
+    assert identity.feature_weight == 0.0 and torch.equal(identity(y, identity.reference(x)), plain)  # off again
+    generators = [torch.Generator().manual_seed(k) for k in (3, 4)]
+    with featured(identity, 0.5), diversified(identity, 0.1, generators):  # one perturbed copy per image
+        reference = identity.reference(x)
+        y.requires_grad_(True)
+        noisy = identity(y, reference)
+    noisy.sum().backward()
+    assert not torch.allclose(noisy, featured_value) and y.grad.abs().sum() > 0
 
 
 def test_model_cards_are_read_in_keys_or_words():

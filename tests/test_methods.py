@@ -306,7 +306,7 @@ LEVERS = {"momentum": {"momentum": 1.0}, "diversity": {"input_diversity": 0.7},
           "translation": {"ti_kernel": 5},
           "chroma": {"chroma": 0.3}, "smooth": {"smooth_perturbation": 3}, "flat": {"flat_budget": 0.3},
           "sharing": {"eot": eot_transform(["share"])}, "surrogate": {"surrogate_noise": 0.1},
-          "jitter": {"landmark_jitter": 3.0},
+          "jitter": {"landmark_jitter": 3.0}, "features": {"feature_weight": 1.0},
           "shared": {"chroma": 0.5, "eot": eot_transform(["share"]), "surrogate_noise": 0.05, "landmark_jitter": 2.0}}
 
 
@@ -342,7 +342,7 @@ def test_facelock_s_levers_switched_off_change_nothing():
     x = random_images(2)
     plain = build("facelock")(x, seeded(0, 1))
     off = build("facelock", surrogate_noise=0.0, landmark_jitter=0.0, chroma=1.0, smooth_perturbation=0,
-                flat_budget=1.0)(x, seeded(0, 1))
+                flat_budget=1.0, feature_weight=0.0)(x, seeded(0, 1))
     assert torch.equal(plain, off)
 
 

@@ -266,7 +266,8 @@ def end_to_end(args: argparse.Namespace, device: torch.device, face, taesd) -> l
 SHARING_LEVERS = {"--preset small (input diversity 0.5)": {}, "+ --eot share": {"eot": "share"},
                   "+ --chroma 0.3": {"chroma": 0.3}, "+ --smooth_perturbation 3": {"smooth_perturbation": 3},
                   "+ --flat_budget 0.3": {"flat_budget": 0.3}, "+ --surrogate_noise 0.05": {"surrogate_noise": 0.05},
-                  "+ --landmark_jitter 3": {"landmark_jitter": 3.0}, "+ --antialias": {"antialias": True}}
+                  "+ --landmark_jitter 3": {"landmark_jitter": 3.0}, "+ --antialias": {"antialias": True},
+                  "+ --feature_weight 1": {"feature_weight": 1.0}}
 #: Iterations each lever is timed over (the preset's schedule shrunk: the face term joins after 35 % of them).
 LEVER_ITERATIONS = 20
 

@@ -7,17 +7,17 @@ attacking all the others together (`--fr_model a,b`) and judged by the one left 
 (`--configs`: plain PGD, the per-image maximum over the attacked models instead of their mean, momentum, input
 diversity, translation invariance, their combinations, expectation over JPEG or over the way photos are shared
 (`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `flat`), surrogate diversity (`sn`), landmark jitter
-(`jit`), antialiased face crops (`aa`), an L2 budget, and `single`: one attacked model alone, as `--preset small`
-attacks, `single-...` with the named levers). A photo counts as protected when the held-out model's similarity between
-it and the TAESD round trip of its protected copy is below that model's threshold at a 1 % false-accept rate, calibrated
-on the same photos' identities (a round trip in which the model finds no face counts as protected: nothing can be
-matched). Reported as posted, after JPEG 75, after JPEG 50 and after a resize to 1080 px + JPEG 85 (what
-`evaluation.check` calls sharing), with the similarity by the attacked models, the perturbation's PSNR and SSIM, its
-change on the flat parts of the photos (`evaluation.metrics.flat`) and the seconds per photo; `zoom_<kind>.png` shows
-the flattest part of the first photo three times enlarged for every configuration. The photos are 256 px squares around
-each face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square around the face, `--region face`).
-Protected photos and the judged rows (`judged.json`) are kept, so a rerun resumes and judges only what is new;
-`faces-holdout/` is refused.
+(`jit`), antialiased face crops (`aa`), the middle feature maps' similarity (`feat`), an L2 budget, and `single`: one
+attacked model alone, as `--preset small` attacks, `single-...` with the named levers). A photo counts as protected when
+the held-out model's similarity between it and the TAESD round trip of its protected copy is below that model's
+threshold at a 1 % false-accept rate, calibrated on the same photos' identities (a round trip in which the model finds
+no face counts as protected: nothing can be matched). Reported as posted, after JPEG 75, after JPEG 50 and after a
+resize to 1080 px + JPEG 85 (what `evaluation.check` calls sharing), with the similarity by the attacked models, the
+perturbation's PSNR and SSIM, its change on the flat parts of the photos (`evaluation.metrics.flat`) and the seconds per
+photo; `zoom_<kind>.png` shows the flattest part of the first photo three times enlarged for every configuration. The
+photos are 256 px squares around each face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square
+around the face, `--region face`). Protected photos and the judged rows (`judged.json`) are kept, so a rerun resumes and
+judges only what is new; `faces-holdout/` is refused.
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ CONFIGS = {
                              "eot": "none,share"},
     "single-di-aa": {"input_diversity": 0.5, "antialias": True},
     "single-di-aa-share": {"input_diversity": 0.5, "antialias": True, "eot": "share"},
+    "single-di-feat": {"input_diversity": 0.5, "feature_weight": 1.0},  # the middle feature maps' similarity too
+    "single-di-feat3": {"input_diversity": 0.5, "feature_weight": 3.0},
+    "single-di-feat-mix": {"input_diversity": 0.5, "feature_weight": 1.0, "eot": "none,share"},
 }
 #: How a protected photo is judged: as posted, after JPEG 75 and 50, and resized to 1080 px + JPEG 85 (the check's).
 JUDGED_CLEANUPS = ("none", "jpeg75", "jpeg50", "1080+jpeg85")

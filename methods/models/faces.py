@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -189,6 +189,7 @@ class FaceEmbedder(nn.Module):
         self.size = tuple(size)
         self.input_range = tuple(float(v) for v in input_range)
         self.bgr, self.alignment, self.keypoints, self.name = bgr, alignment, keypoints, name
+        self._feature_layer: str | None = None  # the name of `feature_layer()`, found on its first call
 
     def matrices(self, faces: Faces) -> torch.Tensor:
         """Per face, the 2 x 3 matrix from image pixels to crop pixels."""
@@ -203,10 +204,39 @@ class FaceEmbedder(nn.Module):
                 out.append(np.array([[sx, 0, -x0 * sx - 0.5 + 0.5 * sx], [0, sy, -y0 * sy - 0.5 + 0.5 * sy]]))
         return torch.tensor(np.array(out).reshape(-1, 2, 3), dtype=torch.float64)
 
+    def feature_layer(self) -> nn.Module:
+        """The module giving the network's middle feature map: of its leaf modules whose output is an
+        `N x C x h x w` map, in the order a forward pass runs them, the one half-way (found once, by running a grey
+        crop). Intermediate features carry over between face models better than the final embedding (the
+        feature-level attacks FIA and ILA)."""
+        if self._feature_layer is None:
+            order: list[str] = []
+            hooks = [module.register_forward_hook(lambda m, i, out, name=name: order.append(name)
+                                                  if torch.is_tensor(out) and out.dim() == 4 else None)
+                     for name, module in self.network.named_modules() if not list(module.children())]
+            kernel = next(self.network.parameters())
+            crop = torch.zeros((1, 3, *self.size), device=kernel.device)
+            height, width = self.size
+            points = torch.tensor(ARCFACE_TEMPLATE * np.array([width / 112, height / 112]))[None]
+            grey = Faces(torch.zeros(1, dtype=torch.long), torch.zeros(1, 4), points, 1)  # a face filling the crop
+            try:
+                with torch.no_grad():
+                    self(crop, grey, torch.eye(2, 3, dtype=torch.float64)[None])
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            if not order:
+                raise ValueError(f"face model {self.name or type(self.network).__name__} has no feature map to compare")
+            self._feature_layer = order[len(order) // 2]
+        return self.network.get_submodule(self._feature_layer)
+
     def forward(self, crops: torch.Tensor, faces: Faces | None = None, matrices: torch.Tensor | None = None,
-                weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                weights: dict[str, torch.Tensor] | None = None, features: list | None = None) -> torch.Tensor:
         """Unit embeddings of `[-1, 1]` crops; with `weights` (name -> tensor), the network runs with those in place
-        of its own parameters (a perturbed copy of the model, `noisy_weights`)."""
+        of its own parameters (a perturbed copy of the model, `noisy_weights`); with a list as `features`, the
+        middle feature map (`feature_layer`) is appended to it."""
+        hook = None if features is None else self.feature_layer().register_forward_hook(
+            lambda m, i, out: features.append(out))
         kernel = next(self.network.parameters())
         low, high = self.input_range
         x = ((crops.float() + 1) / 2 * (high - low) + low).to(kernel.dtype)
@@ -216,11 +246,15 @@ class FaceEmbedder(nn.Module):
         if self.keypoints:
             points = _apply(matrices, faces.landmarks.double().cpu()) / torch.tensor([self.size[1], self.size[0]])
             inputs = (x, points.to(x))
-        if weights is None:
-            features = self.network(*inputs)
-        else:
-            features = torch.func.functional_call(self.network, weights, inputs)
-        return F.normalize(features.float().flatten(1), dim=1)
+        try:
+            if weights is None:
+                embeddings = self.network(*inputs)
+            else:
+                embeddings = torch.func.functional_call(self.network, weights, inputs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return F.normalize(embeddings.float().flatten(1), dim=1)
 
     def noisy_weights(self, sigma: float, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """A randomly perturbed copy of the network's weights: each multiplied by `1 + sigma * n`, `n` standard
@@ -245,10 +279,16 @@ class FaceReference:
     faces: Faces
     matrices: torch.Tensor
     embeddings: torch.Tensor
+    #: `K x F`: the clean faces' middle feature maps, flattened and of unit length (kept within `featured`).
+    features: torch.Tensor | None = None
 
     @property
     def found(self) -> torch.Tensor:
         return self.faces.found
+
+
+def _unit_maps(maps: list) -> torch.Tensor:
+    return F.normalize(maps[0].float().flatten(1), dim=1)
 
 
 class FaceIdentity(nn.Module):
@@ -267,6 +307,8 @@ class FaceIdentity(nn.Module):
         self.diversity: tuple[float, list] | None = None
         #: Whether faces are cropped with antialiasing (`crop_faces`): on within `antialiased`.
         self.antialias = False
+        #: The weight of the middle feature map's similarity, added to the embedding's within `featured` (0: off).
+        self.feature_weight = 0.0
 
     @property
     def name(self) -> str:
@@ -288,9 +330,17 @@ class FaceIdentity(nn.Module):
         return self.embedder(crops, faces, matrices, weights=weights), faces, matrices
 
     def reference(self, x: torch.Tensor, faces: Faces | None = None) -> FaceReference:
-        """The clean faces of `x`: detected here unless `faces` (found by another model's detector) is given."""
-        embeddings, faces, matrices = self.embed(x, faces)
-        return FaceReference(faces, matrices, embeddings.detach())
+        """The clean faces of `x`: detected here unless `faces` (found by another model's detector) is given;
+        within `featured`, with their middle feature maps."""
+        faces = self.detector(x) if faces is None else faces
+        matrices = self.embedder.matrices(faces)
+        if not self.feature_weight or len(faces.index) == 0:
+            embeddings, faces, matrices = self.embed(x, faces)
+            return FaceReference(faces, matrices, embeddings.detach())
+        maps: list = []
+        crops = crop_faces(x.float(), faces, matrices, self.embedder.size, self.antialias)
+        embeddings = self.embedder(crops, faces, matrices, features=maps)
+        return FaceReference(faces, matrices, embeddings.detach(), _unit_maps(maps).detach())
 
     def crops(self, y: torch.Tensor, reference: FaceReference) -> torch.Tensor:
         """`y` cropped at the clean faces' positions, as this model's embedder takes them."""
@@ -298,20 +348,31 @@ class FaceIdentity(nn.Module):
 
     def similarity(self, crops: torch.Tensor, reference: FaceReference, count: int) -> torch.Tensor:
         """Per image of `count`, the summed cosine similarity of the `crops` to the clean embeddings. Within
-        `diversified`, each image's faces are embedded by a perturbed copy of the network of its own."""
+        `diversified`, each image's faces are embedded by a perturbed copy of the network of its own; within
+        `featured`, each face's similarity adds `feature_weight` times that of its middle feature map to the clean
+        face's (the reference's `features`)."""
         faces = reference.faces
+        featured_now = bool(self.feature_weight) and reference.features is not None
         if self.diversity is None:
-            embeddings = self.embedder(crops, faces, reference.matrices)
+            maps: list | None = [] if featured_now else None
+            embeddings = self.embedder(crops, faces, reference.matrices, features=maps)
+            similarity = (embeddings * reference.embeddings).sum(dim=1)
+            if featured_now:
+                similarity = similarity + self.feature_weight * (_unit_maps(maps) * reference.features).sum(dim=1)
         else:
             sigma, generators = self.diversity
-            embeddings = crops.new_zeros((len(crops), reference.embeddings.shape[1]), dtype=torch.float32)
+            similarity = crops.new_zeros(len(crops), dtype=torch.float32)
             for i in sorted(set(faces.index.tolist())):
                 rows = (faces.index == i).nonzero().flatten()
                 mine = Faces(faces.index[rows], faces.boxes[rows], faces.landmarks[rows], faces.count)
                 weights = self.embedder.noisy_weights(sigma, generators[i])
-                embeddings = embeddings.index_copy(0, rows, self.embedder(crops[rows], mine, reference.matrices[
-                    rows.cpu()], weights=weights).float())
-        similarity = (embeddings * reference.embeddings).sum(dim=1)
+                maps = [] if featured_now else None
+                embeddings = self.embedder(crops[rows], mine, reference.matrices[rows.cpu()], weights=weights,
+                                           features=maps)
+                value = (embeddings.float() * reference.embeddings[rows]).sum(dim=1)
+                if featured_now:
+                    value = value + self.feature_weight * (_unit_maps(maps) * reference.features[rows]).sum(dim=1)
+                similarity = similarity.index_copy(0, rows, value.float())
         return crops.new_zeros(count, dtype=torch.float32).index_add(0, faces.index, similarity.float())
 
     def jittered(self, reference: FaceReference, generators: list, amount: float) -> FaceReference:
@@ -394,40 +455,42 @@ class FaceEnsemble(nn.Module):
 
 
 @contextlib.contextmanager
-def diversified(face: nn.Module, sigma: float, generators: list) -> Iterator[None]:
-    """Within this block, every face model of `face` (a `FaceIdentity` or each member of a `FaceEnsemble`) embeds
-    each image's faces with its own randomly perturbed copy of its network (`FaceEmbedder.noisy_weights`, drawn
-    from that image's generator): surrogate diversity, for protection that carries over to face models never
-    attacked. Nothing changes when `sigma` is 0."""
+def _set_on_models(face: nn.Module, attribute: str, value, off) -> Iterator[None]:
+    """Within this block, `attribute` is `value` on every face model of `face` (a `FaceIdentity` or each member of a
+    `FaceEnsemble`), and `off` again after it; nothing is touched when `value` is off."""
     models = list(face.members) if isinstance(face, FaceEnsemble) else [face]
-    if not sigma:
+    if not value:
         yield
         return
     for model in models:
-        model.diversity = (sigma, generators)
+        setattr(model, attribute, value)
     try:
         yield
     finally:
         for model in models:
-            model.diversity = None
+            setattr(model, attribute, off)
 
 
-@contextlib.contextmanager
-def antialiased(face: nn.Module, on: bool = True) -> Iterator[None]:
-    """Within this block (where `on`), every face model of `face` (a `FaceIdentity` or each member of a
-    `FaceEnsemble`) crops faces with antialiasing (`crop_faces`), so that an attack's change covers the whole face
-    rather than the pixels its alignment samples, and survives a resize or another detector's alignment."""
-    models = list(face.members) if isinstance(face, FaceEnsemble) else [face]
-    if not on:
-        yield
-        return
-    for model in models:
-        model.antialias = True
-    try:
-        yield
-    finally:
-        for model in models:
-            model.antialias = False
+def diversified(face: nn.Module, sigma: float, generators: list) -> contextlib.AbstractContextManager:
+    """Within this block, every face model of `face` embeds each image's faces with its own randomly perturbed copy
+    of its network (`FaceEmbedder.noisy_weights`, drawn from that image's generator): surrogate diversity, for
+    protection that carries over to face models never attacked. Nothing changes when `sigma` is 0."""
+    return _set_on_models(face, "diversity", (sigma, generators) if sigma else None, None)
+
+
+def featured(face: nn.Module, weight: float) -> contextlib.AbstractContextManager:
+    """Within this block, every face model of `face` keeps the clean faces' middle feature maps in the references it
+    makes (`FaceEmbedder.feature_layer`), and its similarity adds `weight` times that of the feature maps to the
+    embeddings' (a feature-level loss, for face models never attacked: their middle features resemble each other
+    more than their final embeddings do). Nothing changes when `weight` is 0."""
+    return _set_on_models(face, "feature_weight", weight, 0.0)
+
+
+def antialiased(face: nn.Module, on: bool = True) -> contextlib.AbstractContextManager:
+    """Within this block (where `on`), every face model of `face` crops faces with antialiasing (`crop_faces`), so
+    that an attack's change covers the whole face rather than the pixels its alignment samples, and survives a
+    resize or another detector's alignment."""
+    return _set_on_models(face, "antialias", on, False)
 
 
 def jitter_draws(faces: Faces, generators: list, amount: float) -> list[tuple[float, float, float, float]]:
@@ -452,7 +515,7 @@ def moved(reference: FaceReference, size: tuple[int, int], draws: list) -> FaceR
         shift = centre - turn @ centre + np.array([dx * width, dy * height])
         out.append(np.hstack([turn, shift[:, None]]) @ np.vstack([matrix, [0, 0, 1]]))
     matrices = torch.tensor(np.array(out).reshape(-1, 2, 3), dtype=reference.matrices.dtype)
-    return FaceReference(reference.faces, matrices, reference.embeddings)
+    return replace(reference, matrices=matrices)
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -54,6 +54,7 @@ class ProtectionOptions:
     surrogate_noise: float = 0.0
     landmark_jitter: float = 0.0
     antialias: bool = False
+    feature_weight: float = 0.0
     # editshield and diffusion
     fidelity_weight: float | None = None
     diffusion_steps: int | None = None
@@ -215,9 +216,9 @@ def validate(o: ProtectionOptions) -> None:
         raise OptionError("--momentum must be >= 0, --input_diversity in [0, 1] and --ti_kernel 0 or odd")
     even = o.smooth_perturbation and o.smooth_perturbation % 2 == 0
     if not 0 <= o.chroma <= 1 or o.smooth_perturbation < 0 or even or not 0 < o.flat_budget <= 1 \
-            or o.surrogate_noise < 0 or o.landmark_jitter < 0:
+            or o.surrogate_noise < 0 or o.landmark_jitter < 0 or o.feature_weight < 0:
         raise OptionError("--chroma must be in [0, 1], --smooth_perturbation 0 or odd, --flat_budget in (0, 1] and "
-                          "--surrogate_noise and --landmark_jitter >= 0")
+                          "--surrogate_noise, --landmark_jitter and --feature_weight >= 0")
     if o.flat_budget < 1 and o.norm != "linf":
         raise OptionError("--flat_budget shapes an L-infinity budget; it does not go with --norm l2")
     unknown = sorted(set(o.eot.split(",")) - set(EOT_TRANSFORMS)) if o.eot else []
@@ -291,6 +292,9 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None,
                         help="facelock: the face model sees each face through an antialiased resize to its crop, so "
                              "the change covers the whole face and survives a resize (--no-antialias: off)")
+    method.add_argument("--feature_weight", type=float,
+                        help="facelock: also push the face model's middle feature map away from the clean face's, "
+                             "with this weight beside the embedding's (a feature-level loss; e.g. 1; 0: off)")
     method.add_argument("--norm", choices=list(NORM_DEFAULTS),
                         help="PGD methods: linf (default) or l2, where --attack_budget is the L2 length of the whole "
                              "perturbation in [-1, 1] units and steps follow the normalised gradient (defaults then: "

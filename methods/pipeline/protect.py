@@ -100,7 +100,7 @@ LEVERS = (("--eot", "eot", None), ("--momentum", "momentum", 0.0), ("--input_div
           ("--ti_kernel", "ti_kernel", 0), ("--norm l2", "norm", "linf"), ("--chroma", "chroma", 1.0),
           ("--smooth_perturbation", "smooth_perturbation", 0), ("--flat_budget", "flat_budget", 1.0),
           ("--surrogate_noise", "surrogate_noise", 0.0), ("--landmark_jitter", "landmark_jitter", 0.0),
-          ("--antialias", "antialias", False))
+          ("--antialias", "antialias", False), ("--feature_weight", "feature_weight", 0.0))
 
 
 def build_attack(options: ProtectionOptions, device: torch.device, progress: bool = True) -> methods.Attack:
@@ -142,6 +142,7 @@ def build_attack(options: ProtectionOptions, device: torch.device, progress: boo
         momentum=o.momentum, input_diversity=o.input_diversity, ti_kernel=o.ti_kernel, schedule=o.schedule,
         norm=o.norm, chroma=o.chroma, smooth_perturbation=o.smooth_perturbation, flat_budget=o.flat_budget,
         surrogate_noise=o.surrogate_noise, landmark_jitter=o.landmark_jitter, antialias=o.antialias,
+        feature_weight=o.feature_weight,
         fidelity_weight=o.fidelity_weight,
         steps=o.diffusion_steps, grad_reps=o.grad_reps,
         guidance_scale=o.guidance_scale, image_guidance_scale=o.image_guidance_scale, strength=o.strength,
@@ -172,7 +173,7 @@ def describe_attack(options: ProtectionOptions, attack: methods.Attack) -> str:
     levers += [f"{name} {value}" for name, value, off in (
         ("chroma", o.chroma, 1.0), ("smoothed", o.smooth_perturbation, 0), ("flat budget", o.flat_budget, 1.0),
         ("surrogate noise", o.surrogate_noise, 0.0), ("landmark jitter", o.landmark_jitter, 0.0),
-        ("antialiased faces", o.antialias, False)) if value != off]
+        ("antialiased faces", o.antialias, False), ("feature weight", o.feature_weight, 0.0)) if value != off]
     if levers:
         parts.append(", ".join(levers))
     if "autoencoder" in attack.models:
@@ -374,7 +375,7 @@ DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters"
             "bucket", "norm", "fidelity_weight", "diffusion_steps", "grad_reps", "guidance_scale",
             "image_guidance_scale", "strength", "attack_prompt", "mask", "gallery", "focus", "sticker_budget",
             "highpass_budget", "variations", "mask_size", "arc2face", "near", "mask_l2", "chroma",
-            "smooth_perturbation", "flat_budget", "surrogate_noise", "landmark_jitter", "antialias")
+            "smooth_perturbation", "flat_budget", "surrogate_noise", "landmark_jitter", "antialias", "feature_weight")
 #: Where a run of a method that learns (FaceCloak) keeps what it learned (the identity mask), beside the outputs.
 MASK_FILE = "facecloak_mask.safetensors"
 
