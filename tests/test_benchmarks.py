@@ -105,7 +105,9 @@ def test_speed_benchmark_times_every_sharing_lever(monkeypatch):
                                           AUTOENCODERS["tiny"](), random_images(1, size=64))
     assert [r[0] for r in rows] == list(benchmark_speed.SHARING_LEVERS) and rows[0][2] == "1.00x"
     assert all(float(r[1]) > 0 for r in rows)
-    assert built[1]["eot"] is not None and built[-1]["antialias"] is True  # each row runs its own lever
+    for options, (label, extra) in zip(built, benchmark_speed.SHARING_LEVERS.items(), strict=True):
+        assert all(options[name] == value for name, value in extra.items() if name != "eot"), label  # its own lever
+    assert built[1]["eot"] is not None and built[0].get("eot") is None
     assert all(k["input_diversity"] == 0.5 and k["perceptual"] is None for k in built)
 
 
