@@ -318,8 +318,8 @@ class FaceIdentity(nn.Module):
         """The face-recognition networks doing the work (what `--compile` compiles)."""
         return [self.embedder.network]
 
-    def embed(self, images: torch.Tensor, faces: Faces | None = None, weights: dict | None = None
-              ) -> tuple[torch.Tensor, Faces, torch.Tensor]:
+    def embed(self, images: torch.Tensor, faces: Faces | None = None, weights: dict | None = None,
+              features: list | None = None) -> tuple[torch.Tensor, Faces, torch.Tensor]:
         """Embeddings (`K x D`) of the faces in `images`, detecting them unless `faces` is given (by the network's
         own weights, or `weights` in their place); also returns the faces and their crop matrices."""
         faces = self.detector(images) if faces is None else faces
@@ -327,20 +327,14 @@ class FaceIdentity(nn.Module):
         if len(faces.index) == 0:
             return images.new_zeros((0, 1)), faces, matrices
         crops = crop_faces(images.float(), faces, matrices, self.embedder.size, self.antialias)
-        return self.embedder(crops, faces, matrices, weights=weights), faces, matrices
+        return self.embedder(crops, faces, matrices, weights=weights, features=features), faces, matrices
 
     def reference(self, x: torch.Tensor, faces: Faces | None = None) -> FaceReference:
         """The clean faces of `x`: detected here unless `faces` (found by another model's detector) is given;
         within `featured`, with their middle feature maps."""
-        faces = self.detector(x) if faces is None else faces
-        matrices = self.embedder.matrices(faces)
-        if not self.feature_weight or len(faces.index) == 0:
-            embeddings, faces, matrices = self.embed(x, faces)
-            return FaceReference(faces, matrices, embeddings.detach())
-        maps: list = []
-        crops = crop_faces(x.float(), faces, matrices, self.embedder.size, self.antialias)
-        embeddings = self.embedder(crops, faces, matrices, features=maps)
-        return FaceReference(faces, matrices, embeddings.detach(), _unit_maps(maps).detach())
+        maps: list | None = [] if self.feature_weight else None
+        embeddings, faces, matrices = self.embed(x, faces, features=maps)
+        return FaceReference(faces, matrices, embeddings.detach(), _unit_maps(maps).detach() if maps else None)
 
     def crops(self, y: torch.Tensor, reference: FaceReference) -> torch.Tensor:
         """`y` cropped at the clean faces' positions, as this model's embedder takes them."""
@@ -356,9 +350,7 @@ class FaceIdentity(nn.Module):
         if self.diversity is None:
             maps: list | None = [] if featured_now else None
             embeddings = self.embedder(crops, faces, reference.matrices, features=maps)
-            similarity = (embeddings * reference.embeddings).sum(dim=1)
-            if featured_now:
-                similarity = similarity + self.feature_weight * (_unit_maps(maps) * reference.features).sum(dim=1)
+            similarity = self._scores(embeddings, maps, reference, slice(None))
         else:
             sigma, generators = self.diversity
             similarity = crops.new_zeros(len(crops), dtype=torch.float32)
@@ -369,11 +361,16 @@ class FaceIdentity(nn.Module):
                 maps = [] if featured_now else None
                 embeddings = self.embedder(crops[rows], mine, reference.matrices[rows.cpu()], weights=weights,
                                            features=maps)
-                value = (embeddings.float() * reference.embeddings[rows]).sum(dim=1)
-                if featured_now:
-                    value = value + self.feature_weight * (_unit_maps(maps) * reference.features[rows]).sum(dim=1)
-                similarity = similarity.index_copy(0, rows, value.float())
+                similarity = similarity.index_copy(0, rows, self._scores(embeddings, maps, reference, rows))
         return crops.new_zeros(count, dtype=torch.float32).index_add(0, faces.index, similarity.float())
+
+    def _scores(self, embeddings: torch.Tensor, maps: list | None, reference: FaceReference, rows) -> torch.Tensor:
+        """Per face: the cosine similarity of its embedding to the clean one of its `rows` of the reference, plus,
+        where its middle feature `maps` were kept, `feature_weight` times theirs."""
+        value = (embeddings.float() * reference.embeddings[rows]).sum(dim=1)
+        if maps is not None:
+            value = value + self.feature_weight * (_unit_maps(maps) * reference.features[rows]).sum(dim=1)
+        return value.float()
 
     def jittered(self, reference: FaceReference, generators: list, amount: float) -> FaceReference:
         """`reference` with each crop moved a little, as another detector would place it (`jitter_draws`)."""
