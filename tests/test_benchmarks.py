@@ -178,6 +178,21 @@ def test_transfer_benchmark_leaves_a_model_out_and_resumes(assets, tmp_path, cap
     capsys.readouterr()
 
 
+def test_a_transfer_config_may_set_its_own_iterations(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from evaluation.benchmarks import transfer as benchmark_transfer
+
+    seen = {}
+    monkeypatch.setattr(benchmark_transfer, "protect_folder", lambda options, *a, **k: seen.update(options=options))
+    args = Namespace(l2_budget=8.0, attack_budget=0.03, vae="madebyollin/taesd", num_iters=7, seed=0, device="cpu",
+                     batch_size=1)
+    for config, iterations in (("single-di-share", 7), ("single-di-share-long", 300)):
+        benchmark_transfer.protect(args, tmp_path, tmp_path / config, ["sface", "mobileface"], config, "crops")
+        assert (seen["options"].num_iters, seen["options"].eot, seen["options"].fr_model) == (iterations, "share",
+                                                                                              "sface")
+
+
 def test_portraits_benchmark_checks_whole_photos_at_their_own_size(assets, tmp_path, capsys):
     from evaluation.benchmarks import portraits
 
