@@ -8,8 +8,10 @@ the other people's photos as the gallery of anchors); the person's other photos 
 main_defend.py with each method: none, uniform noise at the same budget, FaceLock per photo (`--preset small`),
 FaceCloak with each focusing option (`--mask` of the learned mask) and learned against an ensemble (the attacked
 model and `--ensemble`), with an L2 bound on the mask (`--mask_l2`, each pixel capped at 0.25, 31 levels of 255;
-with the paper's near anchor, and with the person's own face as the near anchor), and FaceCloak plus FaceLock (the
-mask at half the budget, FaceLock on top at the other half). Each probe is then identified among the clean photos
+with the paper's near anchor, and with the person's own face as the near anchor), learned through the way photos are
+shared with randomly perturbed copies of the face models (`facecloak-share`, `facecloak-ensemble-share`: `--eot share
+--surrogate_noise 0.05`), and FaceCloak plus FaceLock (the mask at half the budget, FaceLock on top at the other
+half). Each probe is then identified among the clean photos
 of every person (its own clean photo left out) by a held-out face model and by the attacked one: top-1, top-5 and
 verification PSR at the threshold giving a 1 % false-accept rate on the clean photos (`evaluation/eval_psr.py`).
 Also reported: the held-out model's similarity between each probe and its clean photo, and between its TAESD round
@@ -74,6 +76,9 @@ METHODS = {
     "facecloak-l2": ["--focus", "none"],  # --mask_l2, each pixel capped at the scripts' largest budget
     "facecloak-l2-self": ["--focus", "none", "--near", "self"],  # the same, pushing the face away from itself
     "facecloak+facelock": ["--focus", "none"],  # mask at half the budget, then FaceLock at the other half
+    # learned through the way photos are shared, with randomly perturbed copies of the face models (issue 27)
+    "facecloak-share": ["--focus", "none", "--eot", "share", "--surrogate_noise", "0.05"],
+    "facecloak-ensemble-share": ["--focus", "none", "--eot", "share", "--surrogate_noise", "0.05"],
 }
 
 
@@ -163,7 +168,7 @@ def protect(method: str, args: argparse.Namespace, output: Path, people: dict[st
                         args, args.attack_budget)
         return {name: folder / f"{name}.png" for name in probes}, [], {}
     budget = round(args.attack_budget / 2, 4) if method == "facecloak+facelock" else args.attack_budget
-    models = f"{args.fr_model},{args.ensemble}" if method == "facecloak-ensemble" else args.fr_model
+    models = f"{args.fr_model},{args.ensemble}" if method.startswith("facecloak-ensemble") else args.fr_model
     cloak = ["--defend_method", "facecloak", "--fr_model", models, *METHODS[method], *args.cloak_options.split()]
     if method.startswith("facecloak-l2"):
         budget, cloak = MAX_BUDGET, [*cloak, "--mask_l2", str(args.mask_l2)]
