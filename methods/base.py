@@ -19,7 +19,7 @@ from torch import nn
 
 from .progress import ProgressBar, progress_bar
 from .randomness import Generators, per_sample_generators, uniform_noise
-from .transforms import luma
+from .transforms import block_lowpass, luma
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,9 @@ class PGDAttack(Attack):
       more finely than chroma (0: grey changes only).
     - `smooth_perturbation` (odd, in pixels): after every step the perturbation is smoothed by a Gaussian of this
       size, so it lives in the low frequencies JPEG keeps.
+    - `dct_keep` (1 to 14): after every step each 8 x 8 block of the perturbation, on JPEG's grid, keeps only its
+      DCT coefficients `(u, v)` with `u + v < dct_keep` (`methods.transforms.block_lowpass`): the change lives in
+      the coefficients JPEG quantises least (0: off).
     - `flat_budget` (below 1): a per-pixel budget map, the fraction `flat_budget` of `eps` where the clean photo is
       flat (local standard deviation 0) rising to all of `eps` where its texture is `TEXTURE_LEVELS` 8-bit levels
       or more (7 x 7 windows of luma): the change goes where texture hides it. L-infinity only.
@@ -208,13 +211,15 @@ class PGDAttack(Attack):
                  eot: Callable[[torch.Tensor, Generators], torch.Tensor] | None = None, eot_samples: int = 1,
                  momentum: float = 0.0, input_diversity: float = 0.0, diversity_scale: float = 0.9,
                  ti_kernel: int = 0, schedule: str = "linear", norm: str = "linf", chroma: float = 1.0,
-                 smooth_perturbation: int = 0, flat_budget: float = 1.0, progress: bool = False):
+                 smooth_perturbation: int = 0, flat_budget: float = 1.0, dct_keep: int = 0, progress: bool = False):
         super().__init__(eps=eps, progress=progress, norm=norm)
         if not 0 <= chroma <= 1 or smooth_perturbation < 0 or (smooth_perturbation and smooth_perturbation % 2 == 0) \
-                or not 0 < flat_budget <= 1 or (flat_budget < 1 and norm != "linf"):
+                or not 0 < flat_budget <= 1 or (flat_budget < 1 and norm != "linf") or not 0 <= dct_keep <= 14:
             raise ValueError(f"need chroma in [0, 1], smooth_perturbation 0 or odd, flat_budget in (0, 1] (below 1 "
-                             f"with an L-infinity budget only), got {chroma}, {smooth_perturbation} and {flat_budget}")
+                             f"with an L-infinity budget only) and dct_keep in [0, 14], got {chroma}, "
+                             f"{smooth_perturbation}, {flat_budget} and {dct_keep}")
         self.chroma, self.smooth_perturbation, self.flat_budget = chroma, smooth_perturbation, flat_budget
+        self.dct_keep = dct_keep
         self._budget: torch.Tensor | None = None  # the per-pixel budget of the call in progress (flat_budget)
         if step_size <= 0 or num_iters < 1 or eot_samples < 1:
             raise ValueError(f"need step_size > 0, num_iters >= 1 and eot_samples >= 1, got {step_size}, "
@@ -315,8 +320,9 @@ class PGDAttack(Attack):
         return project(x_adv, x, self._budget, self.bounds, self.norm)
 
     def shape(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`x_adv` with its perturbation shaped by `chroma` and `smooth_perturbation` (unchanged when both are off)."""
-        if self.chroma >= 1 and not self.smooth_perturbation:
+        """`x_adv` with its perturbation shaped by `chroma`, `smooth_perturbation` and `dct_keep` (unchanged when all
+        are off)."""
+        if self.chroma >= 1 and not self.smooth_perturbation and not self.dct_keep:
             return x_adv
         delta = x_adv - x
         if self.chroma < 1:
@@ -324,6 +330,8 @@ class PGDAttack(Attack):
             delta = grey + self.chroma * (delta - grey)
         if self.smooth_perturbation:
             delta = gaussian_smooth(delta, self.smooth_perturbation)
+        if self.dct_keep:
+            delta = block_lowpass(delta, self.dct_keep)
         return x + delta
 
     def start(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:

@@ -147,6 +147,27 @@ def _blocks(plane: torch.Tensor, table: torch.Tensor, quantise=_round) -> torch.
     return restored.permute(0, 1, 3, 2, 4).reshape(n, 1, height, width)
 
 
+def block_lowpass(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """`x` (`N x C x H x W`) with each 8 x 8 block of each channel, on JPEG's grid from the top-left corner, reduced
+    to its DCT coefficients `(u, v)` with `u + v < keep`: the frequencies JPEG quantises least (1: each block's
+    mean; 15: everything). Edge blocks are padded by repeating the last row and column, as libjpeg pads, and cropped
+    back. Linear and differentiable."""
+    if not 1 <= keep <= 15:
+        raise ValueError(f"keep must be in [1, 15], got {keep}")
+    if keep == 15:
+        return x
+    n, channels, height, width = x.shape
+    planes = _pad_to(x.reshape(n * channels, 1, height, width), 8)
+    d = _dct_matrix(planes.dtype, planes.device)
+    k = torch.arange(8, device=planes.device)
+    low = ((k[:, None] + k[None, :]) < keep).to(planes.dtype)
+    rows, cols = planes.shape[-2] // 8, planes.shape[-1] // 8
+    blocks = planes.reshape(n * channels, rows, 8, cols, 8).permute(0, 1, 3, 2, 4)
+    kept = d.T @ ((d @ blocks @ d.T) * low) @ d
+    kept = kept.permute(0, 1, 3, 2, 4).reshape(n * channels, 1, rows * 8, cols * 8)
+    return kept[..., :height, :width].reshape(n, channels, height, width)
+
+
 class PillowJPEG(Transform):
     """The real codec: encode with Pillow at `quality` (4:2:0) and decode. Not differentiable."""
 

@@ -421,8 +421,8 @@ def test_the_levers_for_sharing_and_unseen_models_keep_the_budget_and_the_input(
     for k in range(2):
         write_photo(images / f"p{k}.png", size=(72, 64), seed=k)
     before = {p.name: digest(p) for p in images.iterdir()}
-    levers = ["--chroma", "0.5", "--smooth_perturbation", "3", "--flat_budget", "0.5", "--eot", "share",
-              "--surrogate_noise", "0.05", "--landmark_jitter", "2", "--antialias", "--feature_weight", "1"]
+    levers = ["--chroma", "0.5", "--smooth_perturbation", "3", "--dct_keep", "6", "--flat_budget", "0.5", "--eot",
+              "share", "--surrogate_noise", "0.05", "--landmark_jitter", "2", "--antialias", "--feature_weight", "1"]
     common = ["--image_dir", str(images), "--defend_method", "facelock", "--vae", str(tiny_vae_dir), "--fr_model",
               str(face), "--lpips", "none", "--allow_no_face", *FAST]
     for out in ("one", "two"):

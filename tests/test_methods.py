@@ -304,7 +304,8 @@ def test_facelock_early_stopping_freezes_only_the_images_that_reached_the_target
 
 LEVERS = {"momentum": {"momentum": 1.0}, "diversity": {"input_diversity": 0.7},
           "translation": {"ti_kernel": 5},
-          "chroma": {"chroma": 0.3}, "smooth": {"smooth_perturbation": 3}, "flat": {"flat_budget": 0.3},
+          "chroma": {"chroma": 0.3}, "smooth": {"smooth_perturbation": 3}, "dct": {"dct_keep": 3},
+          "flat": {"flat_budget": 0.3},
           "sharing": {"eot": eot_transform(["share"])}, "surrogate": {"surrogate_noise": 0.1},
           "jitter": {"landmark_jitter": 3.0}, "features": {"feature_weight": 1.0},
           "shared": {"chroma": 0.5, "eot": eot_transform(["share"]), "surrogate_noise": 0.05, "landmark_jitter": 2.0}}
@@ -325,7 +326,7 @@ def test_transfer_levers_keep_the_budget_reproduce_and_batch_like_singles(lever)
 def test_levers_switched_off_are_plain_sign_pgd():
     """The engine with every lever off gives exactly a hand-written sign-PGD loop."""
     attack = build("encoder", momentum=0.0, input_diversity=0.0, ti_kernel=0, chroma=1.0, smooth_perturbation=0,
-                   flat_budget=1.0, num_iters=5)
+                   dct_keep=0, flat_budget=1.0, num_iters=5)
     x = random_images(2)
     expected = (x + uniform_noise(x, -attack.eps, attack.eps, seeded(3, 4))).clamp(x - attack.eps, x + attack.eps)
     expected = expected.clamp(-1, 1)
@@ -342,7 +343,7 @@ def test_facelock_s_levers_switched_off_change_nothing():
     x = random_images(2)
     plain = build("facelock")(x, seeded(0, 1))
     off = build("facelock", surrogate_noise=0.0, landmark_jitter=0.0, chroma=1.0, smooth_perturbation=0,
-                flat_budget=1.0, feature_weight=0.0)(x, seeded(0, 1))
+                dct_keep=0, flat_budget=1.0, feature_weight=0.0)(x, seeded(0, 1))
     assert torch.equal(plain, off)
 
 
@@ -388,6 +389,8 @@ def test_luma_and_smooth_perturbations_take_the_shape_asked_for():
     rough = build("vae", num_iters=3)(x, seeded(0, 1)) - x
     wiggle = lambda d: (d[..., 1:] - d[..., :-1]).abs().mean()  # noqa: E731
     assert wiggle(smooth) < 0.5 * wiggle(rough)
+    low = build("vae", dct_keep=2, num_iters=3)(x, seeded(0, 1)) - x
+    assert wiggle(low) < 0.5 * wiggle(rough) and low.abs().max() > 0.01
 
 
 def test_a_flat_budget_keeps_the_change_small_where_the_photo_is_flat():

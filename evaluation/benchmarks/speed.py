@@ -265,6 +265,7 @@ def end_to_end(args: argparse.Namespace, device: torch.device, face, taesd) -> l
 #: FaceLock (TAESD, the face model, input diversity 0.5, no LPIPS term).
 SHARING_LEVERS = {"--preset small (input diversity 0.5)": {}, "+ --eot share": {"eot": "share"},
                   "+ --chroma 0.3": {"chroma": 0.3}, "+ --smooth_perturbation 3": {"smooth_perturbation": 3},
+                  "+ --dct_keep 4": {"dct_keep": 4},
                   "+ --flat_budget 0.3": {"flat_budget": 0.3}, "+ --surrogate_noise 0.05": {"surrogate_noise": 0.05},
                   "+ --landmark_jitter 3": {"landmark_jitter": 3.0}, "+ --antialias": {"antialias": True},
                   "+ --feature_weight 1": {"feature_weight": 1.0}}

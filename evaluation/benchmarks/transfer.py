@@ -6,7 +6,7 @@ For every face model of `--models` (default: the three of the offline assets), t
 attacking all the others together (`--fr_model a,b`) and judged by the one left out, for each attack configuration
 (`--configs`: plain PGD, the per-image maximum over the attacked models instead of their mean, momentum, input
 diversity, translation invariance, their combinations, expectation over JPEG or over the way photos are shared
-(`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `flat`), surrogate diversity (`sn`), landmark jitter
+(`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `dct`, `flat`), surrogate diversity (`sn`), landmark jitter
 (`jit`), antialiased face crops (`aa`), the middle feature maps' similarity (`feat`), three times the iterations
 (`long`), an L2 budget, and `single`: one attacked model alone, as `--preset small` attacks, `single-...` with the
 named levers). A photo counts as protected when
@@ -93,6 +93,9 @@ CONFIGS = {
     "single-di-luma": {"input_diversity": 0.5, "chroma": 0.3},
     "single-di-luma-share": {"input_diversity": 0.5, "chroma": 0.3, "eot": "share"},
     "single-di-smooth-share": {"input_diversity": 0.5, "smooth_perturbation": 3, "eot": "share"},
+    "single-di-dct": {"input_diversity": 0.5, "dct_keep": 4},  # each 8 x 8 block keeps its lowest frequencies
+    "single-di-dct-share": {"input_diversity": 0.5, "dct_keep": 4, "eot": "share"},
+    "single-di-dct-mix": {"input_diversity": 0.5, "dct_keep": 4, "eot": "none,share"},
     "single-di-flat": {"input_diversity": 0.5, "flat_budget": 0.3},
     "single-di-sn": {"input_diversity": 0.5, "surrogate_noise": 0.05},
     "single-di-jit": {"input_diversity": 0.5, "landmark_jitter": 3.0},

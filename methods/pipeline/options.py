@@ -50,6 +50,7 @@ class ProtectionOptions:
     norm: str = "linf"
     chroma: float = 1.0
     smooth_perturbation: int = 0
+    dct_keep: int = 0
     flat_budget: float = 1.0
     surrogate_noise: float = 0.0
     landmark_jitter: float = 0.0
@@ -216,9 +217,9 @@ def validate(o: ProtectionOptions) -> None:
         raise OptionError("--momentum must be >= 0, --input_diversity in [0, 1] and --ti_kernel 0 or odd")
     even = o.smooth_perturbation and o.smooth_perturbation % 2 == 0
     if not 0 <= o.chroma <= 1 or o.smooth_perturbation < 0 or even or not 0 < o.flat_budget <= 1 \
-            or o.surrogate_noise < 0 or o.landmark_jitter < 0 or o.feature_weight < 0:
-        raise OptionError("--chroma must be in [0, 1], --smooth_perturbation 0 or odd, --flat_budget in (0, 1] and "
-                          "--surrogate_noise, --landmark_jitter and --feature_weight >= 0")
+            or o.surrogate_noise < 0 or o.landmark_jitter < 0 or o.feature_weight < 0 or not 0 <= o.dct_keep <= 14:
+        raise OptionError("--chroma must be in [0, 1], --smooth_perturbation 0 or odd, --dct_keep in [0, 14], "
+                          "--flat_budget in (0, 1] and --surrogate_noise, --landmark_jitter and --feature_weight >= 0")
     if o.flat_budget < 1 and o.norm != "linf":
         raise OptionError("--flat_budget shapes an L-infinity budget; it does not go with --norm l2")
     unknown = sorted(set(o.eot.split(",")) - set(EOT_TRANSFORMS)) if o.eot else []
@@ -280,6 +281,10 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--smooth_perturbation", type=int,
                         help="PGD methods: smooth the perturbation after every step with a Gaussian of this odd size "
                              "in pixels, so it lives in the low frequencies JPEG keeps (0: off)")
+    method.add_argument("--dct_keep", type=int,
+                        help="PGD methods: after every step keep only the DCT coefficients (u, v) with u + v below "
+                             "this in each 8 x 8 block of the perturbation, the ones JPEG quantises least (1 to 14; "
+                             "0: off)")
     method.add_argument("--flat_budget", type=float,
                         help="PGD methods: the share of the budget allowed where the photo is flat (sky, walls), "
                              "rising to all of it where its texture hides the change (1: off)")

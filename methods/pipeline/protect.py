@@ -98,7 +98,8 @@ def load_attacked_editor(options: ProtectionOptions, device: torch.device) -> to
 #: The levers a method takes only if it says so (its constructor names them): flag, option, the value that is off.
 LEVERS = (("--eot", "eot", None), ("--momentum", "momentum", 0.0), ("--input_diversity", "input_diversity", 0.0),
           ("--ti_kernel", "ti_kernel", 0), ("--norm l2", "norm", "linf"), ("--chroma", "chroma", 1.0),
-          ("--smooth_perturbation", "smooth_perturbation", 0), ("--flat_budget", "flat_budget", 1.0),
+          ("--smooth_perturbation", "smooth_perturbation", 0), ("--dct_keep", "dct_keep", 0),
+          ("--flat_budget", "flat_budget", 1.0),
           ("--surrogate_noise", "surrogate_noise", 0.0), ("--landmark_jitter", "landmark_jitter", 0.0),
           ("--antialias", "antialias", False), ("--feature_weight", "feature_weight", 0.0))
 
@@ -140,7 +141,8 @@ def build_attack(options: ProtectionOptions, device: torch.device, progress: boo
         targeted=o.targeted, c=o.c, lr=o.lr, allow_no_face=o.allow_no_face, target_fr=o.target_fr,
         progress=progress, eot=eot_transform(o.eot.split(",")) if o.eot else None, eot_samples=o.eot_samples,
         momentum=o.momentum, input_diversity=o.input_diversity, ti_kernel=o.ti_kernel, schedule=o.schedule,
-        norm=o.norm, chroma=o.chroma, smooth_perturbation=o.smooth_perturbation, flat_budget=o.flat_budget,
+        norm=o.norm, chroma=o.chroma, smooth_perturbation=o.smooth_perturbation, dct_keep=o.dct_keep,
+        flat_budget=o.flat_budget,
         surrogate_noise=o.surrogate_noise, landmark_jitter=o.landmark_jitter, antialias=o.antialias,
         feature_weight=o.feature_weight,
         fidelity_weight=o.fidelity_weight,
@@ -171,7 +173,8 @@ def describe_attack(options: ProtectionOptions, attack: methods.Attack) -> str:
     levers = [f"{name} {value}" for name, value in (("momentum", o.momentum), ("DI", o.input_diversity),
                                                      ("TI kernel", o.ti_kernel)) if value]
     levers += [f"{name} {value}" for name, value, off in (
-        ("chroma", o.chroma, 1.0), ("smoothed", o.smooth_perturbation, 0), ("flat budget", o.flat_budget, 1.0),
+        ("chroma", o.chroma, 1.0), ("smoothed", o.smooth_perturbation, 0), ("DCT kept below", o.dct_keep, 0),
+        ("flat budget", o.flat_budget, 1.0),
         ("surrogate noise", o.surrogate_noise, 0.0), ("landmark jitter", o.landmark_jitter, 0.0),
         ("antialiased faces", o.antialias, False), ("feature weight", o.feature_weight, 0.0)) if value != off]
     if levers:
@@ -375,7 +378,8 @@ DEFINING = ("defend_method", "preset", "attack_budget", "step_size", "num_iters"
             "bucket", "norm", "fidelity_weight", "diffusion_steps", "grad_reps", "guidance_scale",
             "image_guidance_scale", "strength", "attack_prompt", "mask", "gallery", "focus", "sticker_budget",
             "highpass_budget", "variations", "mask_size", "arc2face", "near", "mask_l2", "chroma",
-            "smooth_perturbation", "flat_budget", "surrogate_noise", "landmark_jitter", "antialias", "feature_weight")
+            "smooth_perturbation", "dct_keep", "flat_budget", "surrogate_noise", "landmark_jitter", "antialias",
+            "feature_weight")
 #: Where a run of a method that learns (FaceCloak) keeps what it learned (the identity mask), beside the outputs.
 MASK_FILE = "facecloak_mask.safetensors"
 
