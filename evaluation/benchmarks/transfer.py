@@ -6,8 +6,8 @@ For every face model of `--models` (default: the three of the offline assets), t
 attacking all the others together (`--fr_model a,b`) and judged by the one left out, for each attack configuration
 (`--configs`: plain PGD, the per-image maximum over the attacked models instead of their mean, momentum, input
 diversity, translation invariance, their combinations, expectation over JPEG or over the way photos are shared
-(`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `dct`, `flat`), surrogate diversity (`sn`), landmark jitter
-(`jit`), antialiased face crops (`aa`), the middle feature maps' similarity (`feat`), three times the iterations
+(`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `dct`, `flat`), surrogate diversity (`sn`), landmark
+jitter (`jit`), antialiased face crops (`aa`), the middle feature maps' similarity (`feat`), three times the iterations
 (`long`), an L2 budget, and `single`: one attacked model alone, as `--preset small` attacks, `single-...` with the
 named levers). A photo counts as protected when
 the held-out model's similarity between it and the TAESD round trip of its protected copy is below that model's
@@ -189,10 +189,10 @@ def protect(args: argparse.Namespace, photos: Path, out: Path, attacked: list[st
     l2 = CONFIGS[config].get("norm") == "l2"
     budget = args.l2_budget if l2 else args.attack_budget
     step = {"step_size": budget * L2_STEP} if l2 else {}
-    options = resolve("facelock", **{**dict(fr_model=",".join(models), vae=args.vae, lpips="none", allow_no_face=True,
-                                            attack_budget=budget, **step, num_iters=args.num_iters, seed=args.seed,
-                                            device=args.device, max_size=0, region="face" if kind == "full" else "full"),
-                                     **CONFIGS[config]})
+    common = dict(fr_model=",".join(models), vae=args.vae, lpips="none", allow_no_face=True, attack_budget=budget,
+                  **step, num_iters=args.num_iters, seed=args.seed, device=args.device, max_size=0,
+                  region="face" if kind == "full" else "full")
+    options = resolve("facelock", **{**common, **CONFIGS[config]})  # a config may set its own iterations
     protect_folder(options, photos, out, batch_size=args.batch_size, say=print)
     return out / f"budget_{budget}"
 
@@ -337,8 +337,9 @@ def report(rows: list[dict], thresholds: dict, args: argparse.Namespace) -> str:
              "detectable face counts as protected).", ""]
     for kind in dict.fromkeys(r["kind"] for r in rows):
         lines += [f"### {kind}", "", "| held out | config | protected: none / JPEG 75 / JPEG 50 / 1080 px + JPEG 85 | "
-                  "held-out FR (none / JPEG 75) | attacked FR (none / JPEG 75) | PSNR (dB) | SSIM | flat: mean / largest (/255) | "
-                  "L-inf (/255, largest) | s / photo |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "held-out FR (none / JPEG 75) | attacked FR (none / JPEG 75) | PSNR (dB) | SSIM | "
+                  "flat: mean / largest (/255) | L-inf (/255, largest) | s / photo |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for model in dict.fromkeys(r["held_out"] for r in rows if r["kind"] == kind):
             for config in dict.fromkeys(r["config"] for r in rows if r["kind"] == kind and r["held_out"] == model):
                 mine = {c: select(kind=kind, held_out=model, config=config, cleanup=c) for c in JUDGED_CLEANUPS}
