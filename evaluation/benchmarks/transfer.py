@@ -115,6 +115,8 @@ CONFIGS = {
     # why the EOT keeps so little: today's --eot jpeg, and share with three times the iterations
     "single-di-jpeg": {"input_diversity": 0.5, "eot": "jpeg"},
     "single-di-share-long": {"input_diversity": 0.5, "eot": "share", "num_iters": 300},
+    "single-di-share4": {"input_diversity": 0.5, "eot": "share", "eot_samples": 4},
+    "di-share2": {"input_diversity": 0.5, "eot": "share", "eot_samples": 2},  # both attacked models
 }
 #: How a protected photo is judged: as posted, after JPEG 75 and 50, and resized to 1080 px + JPEG 85 (the check's).
 JUDGED_CLEANUPS = ("none", "jpeg75", "jpeg50", "1080+jpeg85")
