@@ -8,9 +8,8 @@ attacking all the others together (`--fr_model a,b`) and judged by the one left 
 diversity, translation invariance, their combinations, expectation over JPEG or over the way photos are shared
 (`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `dct`, `flat`), surrogate diversity (`sn`), landmark
 jitter (`jit`), antialiased face crops (`aa`), the middle feature maps' similarity (`feat`), three times the iterations
-(`long`; `200`: twice), an L2 budget, and `single`: one attacked model alone, as `--preset small` attacks, `single-...` with the
-named levers). A photo counts as protected when
-the held-out model's similarity between it and the TAESD round trip of its protected copy is below that model's
+(`long`; `200`: twice), an L2 budget, and `single`: one attacked model alone, as `--preset small` attacks, `single-...`
+with the named levers). A photo counts as protected when the held-out model's similarity between it and the TAESD round trip of its protected copy is below that model's
 threshold at a 1 % false-accept rate, calibrated on the same photos' identities (a round trip in which the model finds
 no face counts as protected: nothing can be matched). Reported as posted, after JPEG 75, after JPEG 50 and after a
 resize to 1080 px + JPEG 85 (what `evaluation.check` calls sharing), with the similarity by the attacked models (as
