@@ -9,16 +9,16 @@ diversity, translation invariance, their combinations, expectation over JPEG or 
 (`share`), the perturbation shaped for JPEG (`luma`, `smooth`, `dct`, `flat`), surrogate diversity (`sn`), landmark
 jitter (`jit`), antialiased face crops (`aa`), the middle feature maps' similarity (`feat`), three times the iterations
 (`long`; `200`: twice), an L2 budget, and `single`: one attacked model alone, as `--preset small` attacks, `single-...`
-with the named levers). A photo counts as protected when the held-out model's similarity between it and the TAESD round trip of its protected copy is below that model's
-threshold at a 1 % false-accept rate, calibrated on the same photos' identities (a round trip in which the model finds
-no face counts as protected: nothing can be matched). Reported as posted, after JPEG 75, after JPEG 50 and after a
-resize to 1080 px + JPEG 85 (what `evaluation.check` calls sharing), with the similarity by the attacked models (as
-posted and after JPEG 75: whether the attack survives JPEG even for the models it attacks), the
-perturbation's PSNR and SSIM, its change on the flat parts of the photos (`evaluation.metrics.flat`) and the seconds per
-photo; `zoom_<kind>.png` shows the flattest part of the first photo three times enlarged for every configuration. The
-photos are 256 px squares around each face (`crops`) and the whole portraits at 512 px (`full`, attacked in the square
-around the face, `--region face`). Protected photos and the judged rows (`judged.json`) are kept, so a rerun resumes and
-judges only what is new; `faces-holdout/` is refused.
+with the named levers). A photo counts as protected when the held-out model's similarity between it and the TAESD round
+trip of its protected copy is below that model's threshold at a 1 % false-accept rate, calibrated on the same photos'
+identities (a round trip in which the model finds no face counts as protected: nothing can be matched). Reported as
+posted, after JPEG 75, after JPEG 50 and after a resize to 1080 px + JPEG 85 (what `evaluation.check` calls sharing),
+with the similarity by the attacked models (as posted and after JPEG 75: whether the attack survives JPEG even for the
+models it attacks), the perturbation's PSNR and SSIM, its change on the flat parts of the photos
+(`evaluation.metrics.flat`) and the seconds per photo; `zoom_<kind>.png` shows the flattest part of the first photo
+three times enlarged for every configuration. The photos are 256 px squares around each face (`crops`) and the whole
+portraits at 512 px (`full`, attacked in the square around the face, `--region face`). Protected photos and the judged
+rows (`judged.json`) are kept, so a rerun resumes and judges only what is new; `faces-holdout/` is refused.
 """
 
 from __future__ import annotations
