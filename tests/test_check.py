@@ -139,7 +139,7 @@ def test_real_models_recognise_the_photo_and_not_its_facelock_protected_copy(ass
     save_png(np.asarray(face_crop(load_image(assets / "faces" / "obama" / "obama.jpg"), 224, FaceDetector())),
              photo_path)
     assert defend.main(["--input_path", str(photo_path), "--defend_method", "facelock", "--preset", "small",
-                        "--num_iters", "50", "--attack_budget", "0.125"]) == 0  # 15/255: see the README
+                        "--num_iters", "100", "--attack_budget", "0.125"]) == 0  # 15/255: see the README
     capsys.readouterr()
     protected = tmp_path / "obama_protected.png"
     for extra, expected in (([], "recognised"), (["--protected", str(protected)], "not recognised")):
