@@ -138,7 +138,8 @@ def _dct_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _blocks(plane: torch.Tensor, table: torch.Tensor, quantise=_round) -> torch.Tensor:
-    """Quantise the 8 x 8 DCT of a 1-channel plane (height and width multiples of 8) with `table`."""
+    """Quantise the 8 x 8 DCT of a 1-channel plane (height and width multiples of 8) with `table`: each block's
+    coefficients become `quantise(coefficients / table) * table` (`block_lowpass`: a table of ones and a mask)."""
     n, _, height, width = plane.shape
     d = _dct_matrix(plane.dtype, plane.device)
     blocks = plane.reshape(n, height // 8, 8, width // 8, 8).permute(0, 1, 3, 2, 4)
@@ -158,13 +159,9 @@ def block_lowpass(x: torch.Tensor, keep: int) -> torch.Tensor:
         return x
     n, channels, height, width = x.shape
     planes = _pad_to(x.reshape(n * channels, 1, height, width), 8)
-    d = _dct_matrix(planes.dtype, planes.device)
     k = torch.arange(8, device=planes.device)
     low = ((k[:, None] + k[None, :]) < keep).to(planes.dtype)
-    rows, cols = planes.shape[-2] // 8, planes.shape[-1] // 8
-    blocks = planes.reshape(n * channels, rows, 8, cols, 8).permute(0, 1, 3, 2, 4)
-    kept = d.T @ ((d @ blocks @ d.T) * low) @ d
-    kept = kept.permute(0, 1, 3, 2, 4).reshape(n * channels, 1, rows * 8, cols * 8)
+    kept = _blocks(planes, torch.ones_like(low), lambda coefficients: coefficients * low)
     return kept[..., :height, :width].reshape(n, channels, height, width)
 
 
