@@ -234,6 +234,9 @@ class PGDAttack(Attack):
         self.num_iters = num_iters
         #: Called as `monitor(i, x_adv)` after every step (benchmarks record protection against time with it).
         self.monitor: Callable[[int, torch.Tensor], None] | None = None
+        #: What the models see of the images (`transforms.EditorView`: the editor's resize), after the EOT transform
+        #: and before input diversity, in the objective and in `prepare`; None: the images themselves.
+        self.view: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.eot, self.eot_samples = eot, eot_samples
         self.momentum, self.ti_kernel = momentum, ti_kernel
         self.diversity = None
@@ -290,6 +293,8 @@ class PGDAttack(Attack):
     def _transform(self, x: torch.Tensor, generators: list) -> torch.Tensor:
         if self.eot is not None:
             x = self.eot(x, generators)
+        if self.view is not None:
+            x = self.view(x)
         return self.diversity(x, generators) if self.diversity is not None else x
 
     def direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
@@ -349,7 +354,7 @@ class PGDAttack(Attack):
 
     def _perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         with torch.no_grad():
-            reference = self.prepare(x)
+            reference = self.prepare(x if self.view is None else self.view(x))
         x_adv = self.start(x, generator)
         active = torch.ones(len(x), 1, 1, 1, dtype=torch.bool, device=x.device)
         generators = per_sample_generators(generator, len(x))

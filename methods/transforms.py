@@ -165,6 +165,25 @@ def block_lowpass(x: torch.Tensor, keep: int) -> torch.Tensor:
     return kept[..., :height, :width].reshape(n, channels, height, width)
 
 
+class EditorView:
+    """What an editor sees of each image of a batch: its own part (`works[k]`, width x height, of the padded batch)
+    shrunk as an editor shrinks a photo to its working size (antialiased bilinear, as `evaluation.check` and the
+    editing pipelines resize) to `seens[k]`, padded (edge pixels repeated) to a common multiple of 8. Not random and
+    differentiable: an attack made through it is made for the photo as the editor will see it."""
+
+    def __init__(self, works: Sequence[tuple[int, int]], seens: Sequence[tuple[int, int]]) -> None:
+        self.works, self.seens = list(works), list(seens)
+        self.padded = tuple(math.ceil(max(side[axis] for side in self.seens) / 8) * 8 for axis in (1, 0))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        views = []
+        for k, ((w, h), (seen_w, seen_h)) in enumerate(zip(self.works, self.seens)):
+            view = F.interpolate(x[k:k + 1, :, :h, :w], size=(seen_h, seen_w), mode="bilinear", antialias=True,
+                                 align_corners=False).clamp(-1, 1)
+            views.append(F.pad(view, (0, self.padded[1] - seen_w, 0, self.padded[0] - seen_h), mode="replicate"))
+        return torch.cat(views)
+
+
 class PillowJPEG(Transform):
     """The real codec: encode with Pillow at `quality` (4:2:0) and decode. Not differentiable."""
 

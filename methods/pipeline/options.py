@@ -356,7 +356,8 @@ def add_protection_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--deterministic", action="store_true", default=None,
                         help="CUDA: deterministic kernels only, so a rerun gives the same bits (slower)")
     models.add_argument("--max_size", type=int,
-                        help="attack larger photos at this long side and resize the perturbation back (0: never)")
+                        help="the editor's working size: attack larger photos (and their face region) at this long "
+                             "side and resize the perturbation back (0: never)")
     models.add_argument("--region", choices=["full", "face"],
                         help="attack the whole photo, or only a square around its face(s) with a margin (faster; the "
                              "rest of the photo is left untouched; not with facecloak, whose mask covers the faces "

@@ -1,13 +1,20 @@
 """Where and at what size a photo is attacked, and how the perturbation goes back onto it.
 
-A `Placement` maps a photo of any size to the work image an attack sees: a region of the photo (the whole photo,
-or a square around its faces), scaled down so that its long side is at most `max_size`, and padded (edge pixels
-repeated) up to a size bucket, a multiple of `bucket` pixels (8 at least, for the autoencoders). The bucket depends
-only on the photo itself, so a photo gets the same work image alone or batched with others of its bucket.
+A `Placement` maps a photo of any size to the work image an attack sees. The editor sees the photo at its working
+size, the canvas: scaled down so that its long side is at most `max_size`. The attacked region is a window of that
+canvas (the whole of it, or a square around its faces with its corner on the canvas's 8-pixel grid, where the
+editor's autoencoder has its latent cells) and `box` the photo pixels it covers. The work image is either the
+window itself (scaled: the perturbation is made at the canvas's scale and scaled back up) or, with `view`, the box at
+the photo's own resolution, which the attack sees through the editor's resize (`seen`, the window's size: an
+`EditorView`), so that the perturbation is made for what the editor will see of the photo: a perturbation made at
+the canvas's scale and scaled up to the photo loses most of its effect when the editor scales it down again. The
+work image is padded (edge pixels repeated) up to a size bucket, a multiple of `bucket` pixels (8 at least, for the
+autoencoders). The bucket depends only on the photo itself, so a photo gets the same work image alone or batched
+with others of its bucket.
 
-After the attack, `paste` cuts the perturbation out of the padding, scales it back up and adds it to the region in
-8 bits, strip by strip: every pixel moves by at most the budget after rounding, the rest of the photo is left
-untouched, and a photo of hundreds of megapixels never exists as a float tensor.
+After the attack, `paste` cuts the perturbation out of the padding, scales it back up to the box where it was made
+on the canvas, and adds it there in 8 bits, strip by strip: every pixel moves by at most the budget after rounding,
+the rest of the photo is left untouched, and a photo of hundreds of megapixels never exists as a float tensor.
 """
 
 from __future__ import annotations
@@ -29,32 +36,57 @@ DETECTION_SIZE = 1024
 
 @dataclass(frozen=True)
 class Placement:
-    """`box` (left, top, right, bottom) is the attacked region in photo pixels; `work` (width, height) its size once
-    scaled; `padded` (width, height) the work image's size with its padding."""
+    """`size` (width, height) is the photo's; `canvas` (width, height) the photo's at the editor's working size (`size`
+    where it is not scaled); `window` (left, top, right, bottom) the attacked region on the canvas; `box` the photo
+    pixels it covers; `work` (width, height) the work image's size: the window's, or the box's where the attack sees
+    it through the editor's resize to `seen` (the window's size; None otherwise); `padded` (width, height) the work
+    image's size with its padding."""
 
     size: tuple[int, int]
+    canvas: tuple[int, int]
+    window: tuple[int, int, int, int]
     box: tuple[int, int, int, int]
     work: tuple[int, int]
     padded: tuple[int, int]
+    seen: tuple[int, int] | None = None
 
     @property
     def scaled(self) -> bool:
+        """Whether the work image is the window at the canvas's scale (and the perturbation is scaled back up)."""
         return self.work != (self.box[2] - self.box[0], self.box[3] - self.box[1])
+
+    @property
+    def batch(self) -> tuple:
+        """Placements of one batch key make work images the attack can take in one batch."""
+        return self.padded, None if self.seen is None else tuple(math.ceil(side / 8) * 8 for side in self.seen)
 
 
 def place(size: tuple[int, int], box: tuple[int, int, int, int] | None = None, max_size: int = 0,
-          bucket: int = 8) -> Placement:
-    """The placement of a `size` (width, height) photo: attacked in `box` (default: all of it), scaled down to a long
-    side of `max_size` where it is longer (0: never), padded to a multiple of `bucket` (a multiple of 8)."""
+          bucket: int = 8, view: bool = False) -> Placement:
+    """The placement of a `size` (width, height) photo: scaled down to a long side of `max_size` where it is longer
+    (0: never), attacked in the window of that canvas that covers `box` (photo pixels; default: all of it) with its
+    corner moved to the canvas's 8-pixel grid, padded to a multiple of `bucket` (a multiple of 8). With `view`, the
+    work image of a scaled photo is the box at the photo's resolution, seen through the editor's resize."""
     if bucket < 8 or bucket % 8:
         raise ValueError(f"the size bucket must be a multiple of 8, got {bucket}")
     width, height = size
     box = box or (0, 0, width, height)
-    region = (box[2] - box[0], box[3] - box[1])
-    scale = max_size / max(region) if max_size and max(region) > max_size else 1.0
-    work = (max(round(region[0] * scale), 1), max(round(region[1] * scale), 1))
+    scale = max_size / max(size) if max_size and max(size) > max_size else 1.0
+    canvas = (max(round(width * scale), 1), max(round(height * scale), 1))
+    window = box
+    if canvas != size:
+        fx, fy = canvas[0] / width, canvas[1] / height
+        window = (int(box[0] * fx) // 8 * 8, int(box[1] * fy) // 8 * 8,
+                  min(math.ceil(box[2] * fx), canvas[0]), min(math.ceil(box[3] * fy), canvas[1]))
+        box = (int(window[0] / fx), int(window[1] / fy), min(math.ceil(window[2] / fx), width),
+               min(math.ceil(window[3] / fy), height))
+    work = (window[2] - window[0], window[3] - window[1])
+    seen = None
+    if view and canvas != size:
+        work, seen = (box[2] - box[0], box[3] - box[1]), work
     padded = (math.ceil(work[0] / bucket) * bucket, math.ceil(work[1] / bucket) * bucket)
-    return Placement(size=(width, height), box=box, work=work, padded=padded)
+    return Placement(size=(width, height), canvas=canvas, window=window, box=box, work=work, padded=padded,
+                     seen=seen)
 
 
 def face_region(image: Image.Image, detector: Callable[[torch.Tensor], object], scale: float = 1.25,
@@ -84,22 +116,29 @@ def face_region(image: Image.Image, detector: Callable[[torch.Tensor], object], 
 
 
 def work_image(image: Image.Image, placement: Placement) -> torch.Tensor:
-    """The `1 x 3 x H x W` work image in `[-1, 1]`: the region, scaled (Pillow's antialiased bilinear) and padded."""
-    region = image.crop(placement.box) if placement.box != (0, 0, *placement.size) else image
+    """The `1 x 3 x H x W` work image in `[-1, 1]`: the window of the canvas (the photo scaled with Pillow's
+    antialiased bilinear filter, only the window computed) and its padding."""
     if placement.scaled:
-        region = region.resize(placement.work, Image.BILINEAR)
+        fx, fy = placement.size[0] / placement.canvas[0], placement.size[1] / placement.canvas[1]
+        left, top, right, bottom = placement.window
+        region = image.resize(placement.work, Image.BILINEAR, box=(left * fx, top * fy, right * fx, bottom * fy))
+    else:
+        region = image.crop(placement.box) if placement.box != (0, 0, *placement.size) else image
     x = torch.from_numpy(np.asarray(region, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
     (w, h), (pw, ph) = placement.work, placement.padded
     return F.pad(x, (0, pw - w, 0, ph - h), mode="replicate") if (pw, ph) != (w, h) else x
 
 
-def _rows(source: int, target: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For target rows `start..stop` of a `source -> target` bilinear resize (align_corners=False, as
-    `F.interpolate`): the two source rows each reads and the weight of the second."""
-    position = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * source / target - 0.5).clamp_min(0)
-    first = position.floor().long().clamp_max(source - 1)
-    second = (first + 1).clamp_max(source - 1)
-    return first, second, (position - first).float()
+def _taps(canvas: int, photo: int, window: tuple[int, int], start: int, stop: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For photo pixels `start..stop` along one axis of a `canvas -> photo` bilinear resize (align_corners=False, as
+    `F.interpolate`) of a perturbation on the canvas pixels `window[0]..window[1]` (its edge values beyond them): the
+    two perturbation pixels each photo pixel reads, counted from the window's start, and the weight of the second."""
+    last = window[1] - window[0] - 1
+    position = (torch.arange(start, stop, dtype=torch.float64) + 0.5) * canvas / photo - 0.5 - window[0]
+    first = position.clamp(0, last).floor().long()
+    second = (first + 1).clamp_max(last)
+    return first, second, (position.clamp(0, last) - first).float()
 
 
 def budget_levels(eps: float | np.ndarray) -> float | np.ndarray:
@@ -158,17 +197,19 @@ def paste(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: fl
         return _paste_l2(image, placement, delta, eps)
     levels = int(budget_levels(eps))
     (w, h), (left, top, right, bottom) = placement.work, placement.box
-    region_w, region_h = right - left, bottom - top
+    region_h = bottom - top
     delta = delta.detach().float().cpu()[:, :h, :w].clamp(-eps, eps) * 127.5
     if placement.scaled:  # the width now, the height strip by strip below
-        delta = F.interpolate(delta[None], size=(h, region_w), mode="bilinear", align_corners=False)[0]
+        first, second, weight = _taps(placement.canvas[0], placement.size[0], placement.window[::2], left, right)
+        delta = torch.lerp(delta[:, :, first], delta[:, :, second], weight)
     delta = delta.permute(1, 2, 0).contiguous()  # rows x columns x channels, as the photo's array
     out = np.array(image)
     worst, squared = 0, 0.0
     for start in range(0, region_h, STRIP_ROWS):
         stop = min(start + STRIP_ROWS, region_h)
         if placement.scaled:
-            first, second, weight = _rows(h, region_h, start, stop)
+            first, second, weight = _taps(placement.canvas[1], placement.size[1], placement.window[1::2],
+                                          top + start, top + stop)
             strip = torch.lerp(delta[first], delta[second], weight[:, None, None])
         else:
             strip = delta[start:stop]
@@ -186,7 +227,10 @@ def _paste_l2(image: Image.Image, placement: Placement, delta: torch.Tensor, eps
     (w, h), (left, top, right, bottom) = placement.work, placement.box
     delta = delta.detach().float().cpu()[:, :h, :w] * 127.5
     if placement.scaled:
-        delta = F.interpolate(delta[None], size=(bottom - top, right - left), mode="bilinear", align_corners=False)[0]
+        first, second, weight = _taps(placement.canvas[0], placement.size[0], placement.window[::2], left, right)
+        delta = torch.lerp(delta[:, :, first], delta[:, :, second], weight)
+        first, second, weight = _taps(placement.canvas[1], placement.size[1], placement.window[1::2], top, bottom)
+        delta = torch.lerp(delta[:, first], delta[:, second], weight[:, None])
     out = np.array(image)
     clean = out[top:bottom, left:right]
     protected = round_within_l2(delta.permute(1, 2, 0).double().numpy(), clean, eps * 127.5)

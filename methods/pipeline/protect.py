@@ -29,7 +29,7 @@ from methods.models.downloads import sha256_of
 from methods.models.faces import FaceDetector, NoFaceError
 from methods.progress import progress_bar
 from methods.registry import accepted_options
-from methods.transforms import eot_transform
+from methods.transforms import EditorView, eot_transform
 from utils import (
     InputError,
     ModelUnavailable,
@@ -205,10 +205,11 @@ def placements(images: Sequence[Image.Image], options: ProtectionOptions, attack
     if options.region == "face":
         face = getattr(attack, "face", None)
         detector = face.detector if face is not None else FaceDetector(keep=options.faces)
+    view = detector is not None and isinstance(attack, methods.PGDAttack)
     result = []
     for image in images:
         box = face_region(image, detector) if detector is not None else None
-        result.append(place(image.size, box, options.max_size, options.bucket))
+        result.append(place(image.size, box, options.max_size, options.bucket, view=view and box is not None))
     return result
 
 
@@ -233,7 +234,12 @@ def protect_images(attack: methods.Attack, images: Sequence[Image.Image], seeds:
         if problem:
             raise UserError(f"{problem}; lower --attack_budget")
     x = torch.cat([work_image(image, placement) for image, placement in zip(images, where)]).to(device)
-    protected, budgets = attack.protect(x, [cpu_generator(s) for s in seeds])
+    if any(placement.seen is not None for placement in where):
+        attack.view = EditorView([p.work for p in where], [p.seen or p.work for p in where])
+    try:
+        protected, budgets = attack.protect(x, [cpu_generator(s) for s in seeds])
+    finally:
+        attack.view = None
     results = []
     for k, (image, placement, seed) in enumerate(zip(images, where, seeds)):
         if budgets is None:
@@ -465,7 +471,7 @@ def protect_folder(options: ProtectionOptions, image_dir: str | Path, output_dir
             where = protector.placements([image for _, image in batch])
             yield [(source, output, image, placement) for ((source, output), image), placement in zip(batch, where)]
 
-    pools: dict[tuple[int, int], list] = {}  # images waiting for a batch, by padded work size
+    pools: dict[tuple, list] = {}  # images waiting for a batch, by padded work size (and editor's view)
     with BackgroundWriter() as writer:
         def protect(pool: list) -> None:
             protect_batch(protector, pool, run, writer, digests)
@@ -477,10 +483,10 @@ def protect_folder(options: ProtectionOptions, image_dir: str | Path, output_dir
         for batch in prefetched(loaded()):
             record_unreadable()
             for entry in batch:
-                pool = pools.setdefault(entry[3].padded, [])
+                pool = pools.setdefault(entry[3].batch, [])
                 pool.append(entry)
                 if len(pool) == batch_size:
-                    protect(pools.pop(entry[3].padded))
+                    protect(pools.pop(entry[3].batch))
         for pool in pools.values():
             protect(pool)
     record_unreadable()
