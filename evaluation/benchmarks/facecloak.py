@@ -12,8 +12,8 @@ with the paper's near anchor, and with the person's own face as the near anchor)
 shared with randomly perturbed copies of the face models (`facecloak-share`, `facecloak-ensemble-share`: `--eot share
 --surrogate_noise 0.05`), and FaceCloak plus FaceLock (the mask at half the budget, FaceLock on top at the other
 half). Each probe is then identified among the clean photos of every person (its own clean photo left out) by a
-held-out face model and by the attacked one: top-1, top-5 and
-verification PSR at the threshold giving a 1 % false-accept rate on the clean photos (`evaluation/eval_psr.py`).
+held-out face model and by the attacked one: top-1, top-5 and verification PSR at the threshold giving a 1 %
+false-accept rate on the clean photos (`evaluation/eval_psr.py`).
 Also reported: the held-out model's similarity between each probe and its clean photo, and between its TAESD round
 trip and its clean photo (protection of edits), the perturbation's L-infinity, PSNR and SSIM, the seconds to learn
 a mask, and the seconds to apply a saved mask to a full-size photo (detection included, models loaded). Everything

@@ -129,16 +129,18 @@ def work_image(image: Image.Image, placement: Placement) -> torch.Tensor:
     return F.pad(x, (0, pw - w, 0, ph - h), mode="replicate") if (pw, ph) != (w, h) else x
 
 
-def _taps(canvas: int, photo: int, window: tuple[int, int], start: int, stop: int
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For photo pixels `start..stop` along one axis of a `canvas -> photo` bilinear resize (align_corners=False, as
-    `F.interpolate`) of a perturbation on the canvas pixels `window[0]..window[1]` (its edge values beyond them): the
-    two perturbation pixels each photo pixel reads, counted from the window's start, and the weight of the second."""
-    last = window[1] - window[0] - 1
-    position = (torch.arange(start, stop, dtype=torch.float64) + 0.5) * canvas / photo - 0.5 - window[0]
-    first = position.clamp(0, last).floor().long()
+def _scaled_up(delta: torch.Tensor, dim: int, axis: int, placement: Placement, start: int, stop: int) -> torch.Tensor:
+    """The perturbation `delta` (made on the placement's window of the canvas) at photo pixels `start..stop` along
+    `axis` (0: x, 1: y), the tensor's dimension `dim`: a `canvas -> photo` bilinear resize (align_corners=False, as
+    `F.interpolate`), the window's edge values repeated beyond it."""
+    canvas, photo = placement.canvas[axis], placement.size[axis]
+    first_pixel, last = placement.window[axis], placement.window[axis + 2] - placement.window[axis] - 1
+    position = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * canvas / photo - 0.5 - first_pixel
+                ).clamp(0, last)
+    first = position.floor().long()
     second = (first + 1).clamp_max(last)
-    return first, second, (position.clamp(0, last) - first).float()
+    weight = (position - first).float().view([-1 if d == dim else 1 for d in range(delta.ndim)])
+    return torch.lerp(delta.index_select(dim, first), delta.index_select(dim, second), weight)
 
 
 def budget_levels(eps: float | np.ndarray) -> float | np.ndarray:
@@ -200,17 +202,14 @@ def paste(image: Image.Image, placement: Placement, delta: torch.Tensor, eps: fl
     region_h = bottom - top
     delta = delta.detach().float().cpu()[:, :h, :w].clamp(-eps, eps) * 127.5
     if placement.scaled:  # the width now, the height strip by strip below
-        first, second, weight = _taps(placement.canvas[0], placement.size[0], placement.window[::2], left, right)
-        delta = torch.lerp(delta[:, :, first], delta[:, :, second], weight)
+        delta = _scaled_up(delta, 2, 0, placement, left, right)
     delta = delta.permute(1, 2, 0).contiguous()  # rows x columns x channels, as the photo's array
     out = np.array(image)
     worst, squared = 0, 0.0
     for start in range(0, region_h, STRIP_ROWS):
         stop = min(start + STRIP_ROWS, region_h)
         if placement.scaled:
-            first, second, weight = _taps(placement.canvas[1], placement.size[1], placement.window[1::2],
-                                          top + start, top + stop)
-            strip = torch.lerp(delta[first], delta[second], weight[:, None, None])
+            strip = _scaled_up(delta, 0, 1, placement, top + start, top + stop)
         else:
             strip = delta[start:stop]
         clean = torch.from_numpy(out[top + start:top + stop, left:right])
@@ -227,10 +226,7 @@ def _paste_l2(image: Image.Image, placement: Placement, delta: torch.Tensor, eps
     (w, h), (left, top, right, bottom) = placement.work, placement.box
     delta = delta.detach().float().cpu()[:, :h, :w] * 127.5
     if placement.scaled:
-        first, second, weight = _taps(placement.canvas[0], placement.size[0], placement.window[::2], left, right)
-        delta = torch.lerp(delta[:, :, first], delta[:, :, second], weight)
-        first, second, weight = _taps(placement.canvas[1], placement.size[1], placement.window[1::2], top, bottom)
-        delta = torch.lerp(delta[:, first], delta[:, second], weight[:, None])
+        delta = _scaled_up(_scaled_up(delta, 2, 0, placement, left, right), 1, 1, placement, top, bottom)
     out = np.array(image)
     clean = out[top:bottom, left:right]
     protected = round_within_l2(delta.permute(1, 2, 0).double().numpy(), clean, eps * 127.5)
