@@ -164,7 +164,7 @@ def test_the_quick_start_protects_the_astronaut_offline_with_the_bundled_models(
     with torch.no_grad():
         reference = face.reference(pil_to_tensor(load_image(source)))
         for label, path in (("protected", tmp_path / "astronaut_protected.png"), ("noise", tmp_path / "noise.png")):
-            assert np.abs(np.asarray(load_image(path), dtype=int) - clean).max() <= 3  # the budget, 0.03
+            assert np.abs(np.asarray(load_image(path), dtype=int) - clean).max() <= 4  # the preset's budget, 4/255
             scores[label] = face(autoencoder(pil_to_tensor(load_image(path))).clamp(-1, 1), reference).item()
     assert scores["protected"] < scores["noise"] - 0.3, scores
 

@@ -26,7 +26,7 @@ import torch
 
 from methods.models.downloads import sha256_of
 from methods.models.loading import load_autoencoder
-from methods.pipeline.options import flags, resolve
+from methods.pipeline.options import budget_in_255, flags, resolve
 from methods.pipeline.protect import protect_folder
 from utils import UserError, atomic_write, load_image, pick_device, pil_to_tensor, run_script, write_csv
 
@@ -126,8 +126,10 @@ def checked(checker: Checker, config: str, original_path: Path, protected_path: 
 def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: argparse.Namespace) -> str:
     sharings = list(dict.fromkeys(r["sharing"] for r in rows))
     names = [j.name for j in judges]
-    lines = [f"FaceLock with `--preset small` at each photo's own size, judged by `evaluation.check` (TAESD round trip "
-             f"at up to {args.max_size} px; judges " + ", ".join(
+    budget = budget_in_255(resolve("facelock", preset="small").attack_budget)
+    lines = [f"FaceLock with `--preset small` (budget {budget} where a config's flags do not set one) at each photo's "
+             f"own size, judged by `evaluation.check` (TAESD round trip at up to {args.max_size} px; judges "
+             + ", ".join(
                  f"{j.name} {j.calibration.threshold:.3f}" for j in judges if j.calibration is not None)
              + " at 1 % FAR). Protected: no judge recognises the face.", "",
              "| config | flags | photo | size | protected: " + " / ".join(sharings) + " | "

@@ -28,8 +28,9 @@ from PIL import Image
 
 from methods.models.faces import FaceDetector, NoFaceError
 from methods.models.loading import load_autoencoder, local_copy
-from methods.pipeline.options import OptionError, ProtectionOptions, flags, resolve
+from methods.pipeline.options import PRESETS, OptionError, ProtectionOptions, flags, resolve
 from methods.pipeline.photos import reading_notes
+from methods.pipeline.placement import budget_levels
 from methods.pipeline.protect import Protector
 from methods.progress import observe
 from utils import (
@@ -58,6 +59,8 @@ PAGE_PRESETS = {
 GPU_PRESETS = ("paper",)
 JUDGE_CANDIDATES = ("mobilefacenet", "mobileface", "facenet", "sface")
 MAX_LEVELS = 16
+#: The strength the page starts at: the small preset's budget in whole 8-bit levels (4).
+DEFAULT_LEVELS = int(budget_levels(PRESETS["small"]["attack_budget"]))
 DIFFERENCE_GAIN = 16
 JSON_LIMIT = 64 * 1024
 API_HEADER = "X-Facelock"
@@ -168,7 +171,7 @@ class Page:
         self.device = pick_device(config.device)
         self.default_preset = "small" if self.device.type == "cpu" else "paper"
         for preset in PAGE_PRESETS:
-            self.protection_options(preset, 4)  # refuse bad options now rather than at the first photo
+            self.protection_options(preset, DEFAULT_LEVELS)  # refuse bad options now rather than at the first photo
         self.root = Path(tempfile.mkdtemp(prefix="facelock-page-", dir=config.temp_dir))
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
@@ -238,7 +241,7 @@ class Page:
 
         presets = {}
         for preset, expect in self.presets().items():
-            chosen = self.protection_options(preset, 4)
+            chosen = self.protection_options(preset, DEFAULT_LEVELS)
             vae = where(chosen.vae) if chosen.vae else f"{chosen.model_id} (its vae/)"
             lpips = "LPIPS-VGG" if chosen.lpips == "vgg" else "no LPIPS"
             summary = (f"{preset}: autoencoder {short(chosen.vae or chosen.model_id)}, face model "
@@ -250,7 +253,7 @@ class Page:
         return {"device": str(self.device), "default_preset": self.default_preset, "presets": presets,
                 "limits": {"max_files": self.config.max_files, "max_upload_mb": self.config.max_upload_mb,
                            "max_megapixels": self.config.max_megapixels},
-                "budget": {"default": 4, "max": MAX_LEVELS}}
+                "budget": {"default": DEFAULT_LEVELS, "max": MAX_LEVELS}}
 
     # -------------------------------------------------------------------------------------------- sessions
     def new_session(self) -> Session:

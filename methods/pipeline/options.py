@@ -115,7 +115,9 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(ProtectionOptions)
 PRESETS = {
     "official": {},
     "paper": {"attack_budget": 0.02, "step_size": 0.003},
-    "small": {"vae": "madebyollin/taesd", "fr_model": "sface", "lpips": "none", "region": "face"},
+    # 0.0314 is 4/255, four whole 8-bit levels: the official 0.03 (3.8/255) keeps three once rounded to 8 bits
+    "small": {"vae": "madebyollin/taesd", "fr_model": "sface", "lpips": "none", "region": "face",
+              "attack_budget": 0.0314},
 }
 #: Defaults of one method under one preset, over the preset's own: FaceLock with --preset small takes input
 #: diversity, the transfer lever that lowered a face model it never saw most at equal budget
@@ -124,7 +126,8 @@ PRESET_METHOD_DEFAULTS = {("small", "facelock"): {"input_diversity": 0.5}}
 PRESET_HELP = ("official: the FaceLock code's defaults (full editor VAE, budget 0.03, step 0.01); "
                "paper: the paper's budget 0.02 and step 0.003; "
                "small: small real models that ship with the toolkit and run in minutes on a laptop CPU (TAESD "
-               "autoencoder, SFace face model, no LPIPS term; FaceLock with input diversity 0.5)")
+               "autoencoder, SFace face model, no LPIPS term, budget 0.0314 = 4/255; FaceLock with input "
+               "diversity 0.5)")
 #: With --norm l2 the budget is the L2 length of the whole perturbation: PhotoGuard's L2 attack (eps 16, step 1).
 NORM_DEFAULTS = {"linf": {}, "l2": {"attack_budget": 16.0, "step_size": 1.0}}
 #: Defaults a method declares in its signature (the diffusion attack's 200 iterations), below presets and flags.

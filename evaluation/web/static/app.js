@@ -48,6 +48,8 @@ async function start() {
   $("limits").textContent = `(up to ${limits.max_files} photos, ${limits.max_upload_mb} MB and ` +
     `${limits.max_megapixels} megapixels each; JPEG, PNG, HEIC, WebP, ...)`;
   $("budget").max = info.budget.max;
+  $("budget").value = info.budget.default;
+  budgetLabel();
   for (const [name, preset] of Object.entries(info.presets)) {
     const option = element("option", preset.summary);
     option.value = name;
