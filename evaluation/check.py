@@ -31,10 +31,11 @@ from methods.models import loading
 from methods.models.autoencoder import as_autoencoder
 from methods.models.loading import ASSETS_ENV, load_autoencoder, load_face_identity, local_copy
 from methods.pipeline.options import MAX_BUDGET
+from methods.transforms import fit_long_side
 from utils import InputError, UserError, linf_255, load_image, pick_device, pil_to_tensor, run_script
 
 from .calibration import Calibration, calibrate, labelled_photos, model_digest, read_thresholds
-from .cleanups import SHARING, fit_long_side
+from .cleanups import SHARING
 from .metrics.facial import FaceSimilarity
 from .metrics.psnr import psnr
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from methods.transforms import (
     ColorJitter,
@@ -20,20 +19,11 @@ from methods.transforms import (
     Quantize,
     Resize,
     Transform,
+    fit_long_side,
 )
 
 #: The long side a social network resizes a posted photo to.
 SOCIAL_LONG_SIDE = 1080
-
-
-def fit_long_side(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Images scaled down (antialiased) so that their long side is at most `size`; smaller ones are unchanged."""
-    height, width = x.shape[-2:]
-    if not size or max(height, width) <= size:
-        return x
-    scale = size / max(height, width)
-    shape = (max(round(height * scale), 1), max(round(width * scale), 1))
-    return F.interpolate(x, size=shape, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
 
 
 def to_8bit(x: torch.Tensor) -> torch.Tensor:

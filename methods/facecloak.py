@@ -20,7 +20,18 @@ from .base import L2_STEP, Attack, frozen
 from .models.faces import ARCFACE_TEMPLATE, Faces, NoFaceError, arcface_matrix, warp_affine
 from .randomness import Generators, uniform_noise
 from .registry import register
-from .transforms import ColorJitter, GaussianBlur, Lighting, PillowJPEG, RandomAffine, _draw, luma
+from .transforms import (
+    ColorJitter,
+    GaussianBlur,
+    Lighting,
+    PillowJPEG,
+    RandomAffine,
+    _draw,
+    fit_long_side,
+    luma,
+    scaled_size,
+    shrink,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -169,11 +180,9 @@ def warp_onto(maps: torch.Tensor, faces: Faces, shape: tuple[int, int]) -> torch
 def detect(detector: Callable[[torch.Tensor], Faces], x: torch.Tensor, max_size: int = 0) -> Faces:
     """Faces of `x`, found on a copy whose long side is at most `max_size` (0: full size), in `x`'s pixels."""
     height, width = x.shape[-2:]
-    scale = max_size / max(height, width) if max_size and max(height, width) > max_size else 1.0
-    if scale == 1.0:
+    small = fit_long_side(x, max_size)
+    if small is x:
         return detector(x)
-    small = F.interpolate(x, size=(max(round(height * scale), 1), max(round(width * scale), 1)), mode="bilinear",
-                          antialias=True, align_corners=False).clamp(-1, 1)
     sy, sx = small.shape[-2] / height, small.shape[-1] / width
     faces = detector(small)
     factor = torch.tensor([sx, sy], dtype=faces.landmarks.dtype, device=faces.landmarks.device)
@@ -399,8 +408,7 @@ class FaceCloak(Attack):
             zoom = scale * math.hypot(*matrix[:, 0])  # photo pixels -> canvas pixels
             if zoom < 1:  # shrink the photo first, antialiased, so that the canvas is not aliased
                 height, width = photo.shape[-2:]
-                photo = F.interpolate(photo, size=(max(round(height * zoom), 1), max(round(width * zoom), 1)),
-                                      mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+                photo = shrink(photo, scaled_size(height, width, zoom))
                 sx, sy = photo.shape[-1] / width, photo.shape[-2] / height
                 points = (points + 0.5) * np.array([sx, sy]) - 0.5
                 matrix = arcface_matrix(points, (112, 112))

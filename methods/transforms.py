@@ -46,6 +46,25 @@ def _round(t: torch.Tensor) -> torch.Tensor:
     return t + (torch.round(t) - t).detach()
 
 
+def shrink(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`x` resized to `size` (height, width) as Pillow's bilinear shrinks a photo: antialiased (the triangle filter
+    widened by the scale), clamped to `[-1, 1]`. The check's editor and platforms' resizes (`fit_long_side`)."""
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def scaled_size(height: int, width: int, scale: float, least: int = 1) -> tuple[int, int]:
+    """`height x width` times `scale`, rounded, each side at least `least`."""
+    return max(round(height * scale), least), max(round(width * scale), least)
+
+
+def fit_long_side(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images shrunk (`shrink`) so that their long side is at most `size`; smaller ones (or `size` 0) are `x` itself."""
+    height, width = x.shape[-2:]
+    if not size or max(height, width) <= size:
+        return x
+    return shrink(x, scaled_size(height, width, size / max(height, width)))
+
+
 def luma(rgb: torch.Tensor) -> torch.Tensor:
     """The ITU-R BT.601 luma of `N x 3 x H x W` images, as `N x 1 x H x W`."""
     return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
@@ -167,9 +186,10 @@ def block_lowpass(x: torch.Tensor, keep: int) -> torch.Tensor:
 
 class EditorView:
     """What an editor sees of each image of a batch: its own part (`works[k]`, width x height, of the padded batch)
-    shrunk as an editor shrinks a photo to its working size (antialiased bilinear, as `evaluation.check` and the
-    editing pipelines resize) to `seens[k]`, padded (edge pixels repeated) to a common multiple of 8. Not random and
-    differentiable: an attack made through it is made for the photo as the editor will see it."""
+    shrunk as an editor shrinks a photo to its working size (`shrink`, as `evaluation.check` does; the editing
+    pipelines use Pillow's Lanczos, a sharper filter of the same kind) to `seens[k]`, padded (edge pixels repeated)
+    to a common multiple of 8. Not random and differentiable: an attack made through it is made for the photo as the
+    editor will see it."""
 
     def __init__(self, works: Sequence[tuple[int, int]], seens: Sequence[tuple[int, int]]) -> None:
         self.works, self.seens = list(works), list(seens)
@@ -178,8 +198,7 @@ class EditorView:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         views = []
         for k, ((w, h), (seen_w, seen_h)) in enumerate(zip(self.works, self.seens)):
-            view = F.interpolate(x[k:k + 1, :, :h, :w], size=(seen_h, seen_w), mode="bilinear", antialias=True,
-                                 align_corners=False).clamp(-1, 1)
+            view = shrink(x[k:k + 1, :, :h, :w], (seen_h, seen_w))
             views.append(F.pad(view, (0, self.padded[1] - seen_w, 0, self.padded[0] - seen_h), mode="replicate"))
         return torch.cat(views)
 
@@ -209,8 +228,7 @@ class Resize(Transform):
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         height, width = x.shape[-2:]
         scale = _draw(self.scale, generator)
-        small = F.interpolate(x, size=(max(round(height * scale), 1), max(round(width * scale), 1)),
-                              mode="bilinear", antialias=True, align_corners=False)
+        small = shrink(x, scaled_size(height, width, scale))
         return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
@@ -325,8 +343,7 @@ class Sharing(Transform):
         y = x
         if _draw((0.0, 1.0), generator) < self.resize_probability:
             scale = _draw(self.scale, generator)
-            size = (max(round(height * scale), 8), max(round(width * scale), 8))
-            y = F.interpolate(y, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+            y = shrink(y, scaled_size(height, width, scale, least=8))
         y = self.first.apply(y, generator)
         if _draw((0.0, 1.0), generator) < self.reencode_probability:
             y = self.second.apply(y, generator)

@@ -33,6 +33,7 @@ from methods.pipeline.photos import reading_notes
 from methods.pipeline.placement import budget_levels
 from methods.pipeline.protect import Protector
 from methods.progress import observe
+from methods.transforms import fit_long_side
 from utils import (
     InputError,
     UserError,
@@ -45,7 +46,6 @@ from utils import (
 )
 
 from ..check import Checker, conclusion, load_judges, split_models
-from ..cleanups import fit_long_side
 
 logger = logging.getLogger(__name__)
 
