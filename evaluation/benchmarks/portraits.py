@@ -9,8 +9,10 @@ extra protection flags, `name=flags;name=flags`, `default=` the preset alone), a
 editor's round trip at its working size (up to `--max_size` px) after each way of sharing (as posted, JPEG 75, resize
 to 1080 px + JPEG 85), by face models the protection did not attack (`--judge`), at their calibrated thresholds. A
 photo counts as protected in a way of sharing when no judge recognises the face. Also reported: each judge's
-similarity, the PSNR and the change on the photo's flat parts (`evaluation.metrics.flat`). Protected photos and the
-verdicts (`judged.json`) are kept, so a rerun resumes and checks only what is new; `faces-holdout/` is refused.
+similarity, the attacked face model's judged the same way (how much of the protection reaches the editor's output at
+all, before any transfer), the PSNR and the change on the photo's flat parts (`evaluation.metrics.flat`). Protected
+photos and the verdicts (`judged.json`) are kept, so a rerun resumes and checks only what is new; `faces-holdout/` is
+refused.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import numpy as np
 import torch
 
 from methods.models.downloads import sha256_of
-from methods.models.loading import load_autoencoder
+from methods.models.loading import load_autoencoder, load_face_identity
 from methods.pipeline.options import budget_in_255, flags, resolve
 from methods.pipeline.protect import protect_folder
 from utils import UserError, atomic_write, load_image, pick_device, pil_to_tensor, run_script, write_csv
 
 from ..calibration import default_faces, labelled_photos
-from ..check import EDITOR_VAE, Checker, load_judges
+from ..check import EDITOR_VAE, Checker, Judge, load_judges
+from ..metrics.facial import FaceSimilarity
 from ..metrics.flat import flat_change
 from .crops import spread
 from .judged import read_judged, write_judged
@@ -86,8 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write(target, lambda tmp, path=path: tmp.write_bytes(path.read_bytes()))
     attacked = ",".join(sorted({m for o in chosen.values() for m in o.fr_model.split(",")}))
     judges = load_judges(args.judge, device, protection_fr_model=attacked)
-    checker = Checker(load_autoencoder(EDITOR_VAE, "", device, torch.float32), judges, EDITOR_VAE, args.max_size)
-    judged_by = ",".join(f"{j.name} {j.calibration.threshold if j.calibration else ''}" for j in judges)
+    autoencoder = load_autoencoder(EDITOR_VAE, "", device, torch.float32)
+    checker = Checker(autoencoder, judges, EDITOR_VAE, args.max_size)
+    # the attacked models judged the same way, without a verdict: how much of the protection reaches the editor
+    white_box = Checker(autoencoder, [Judge(name, FaceSimilarity(load_face_identity(name, device)), None, "attacked")
+                                      for name in attacked.split(",")], EDITOR_VAE, args.max_size)
+    judged_by = ",".join([f"{j.name} {j.calibration.threshold if j.calibration else ''}" for j in judges]
+                         + [f"{name} (attacked)" for name in attacked.split(",")])
     rows, judged = [], read_judged(output / "judged.json")
     for name, options in chosen.items():
         protect_folder(options, originals, output / "protected" / name, say=print)
@@ -98,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             key = "|".join((name, sha256_of(originals / source.name), sha256_of(folder / output_name), judged_by,
                             str(args.max_size)))
             if key not in judged:
-                judged[key] = checked(checker, name, originals / source.name, folder / output_name, entry["seconds"])
+                judged[key] = checked(checker, white_box, name, originals / source.name, folder / output_name,
+                                      entry["seconds"])
                 write_judged(output / "judged.json", judged)
             rows += judged[key]
             write_csv(rows, output / "portraits.csv")
@@ -111,14 +120,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def checked(checker: Checker, config: str, original_path: Path, protected_path: Path, seconds: float) -> list[dict]:
-    """The check's verdict on one protected photo: a row per way of sharing and judge."""
+def checked(checker: Checker, white_box: Checker, config: str, original_path: Path, protected_path: Path,
+            seconds: float) -> list[dict]:
+    """The check's verdict on one protected photo: a row per way of sharing and judge, each with the attacked
+    models' similarity in that way of sharing (`white_box`: the check with the attacked models as judges)."""
     original, protected = load_image(original_path), load_image(protected_path)
     report = checker(original, protected)
+    attacked = {}
+    for result in white_box(original, protected)["results"]:
+        attacked.setdefault(result["sharing"], []).append(f"{result['similarity']}")
     flat_mean, flat_max = flat_change(pil_to_tensor(protected), pil_to_tensor(original))
     return [{"config": config, "photo": original_path.stem, "size": f"{original.width}x{original.height}",
              "sharing": result["sharing"], "judge": result["judge"], "similarity": result["similarity"],
              "verdict": result["verdict"], "protected": report["summary"][result["sharing"]] == "not recognised",
+             "attacked": ",".join(attacked[result["sharing"]]),
              "psnr": report["psnr"], "flat_mean": flat_mean.item(), "flat_max": flat_max.item(), "seconds": seconds}
             for result in report["results"]]
 
@@ -133,8 +148,8 @@ def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: 
                  f"{j.name} {j.calibration.threshold:.3f}" for j in judges if j.calibration is not None)
              + " at 1 % FAR). Protected: no judge recognises the face.", "",
              "| config | flags | photo | size | protected: " + " / ".join(sharings) + " | "
-             + " / ".join(f"{n} ({', '.join(sharings)})" for n in names) + " | PSNR (dB) | flat: mean / largest (/255) "
-             "| s |", "|---|---|---|---|---|---|---|---|---|"]
+             + " / ".join(f"{n} ({', '.join(sharings)})" for n in names) + " | attacked (the same) | PSNR (dB) "
+             "| flat: mean / largest (/255) | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for config, extra in configs.items():
         mine = [r for r in rows if r["config"] == config]
         for photo in dict.fromkeys(r["photo"] for r in mine):
@@ -144,14 +159,15 @@ def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: 
             similarities = " / ".join(", ".join(_similarity(r) for s in sharings for r in here
                                                 if r["sharing"] == s and r["judge"] == n) for n in names)
             first = here[0]
+            attacked = ", ".join(next(r for r in here if r["sharing"] == s)["attacked"] for s in sharings)
             lines.append(f"| {config} | `{extra or '(none)'}` | {photo} | {first['size']} | {verdicts} | "
-                         f"{similarities} | {first['psnr']} | {first['flat_mean']:.2f} / {first['flat_max']:.0f} | "
-                         f"{first['seconds']:.0f} |")
+                         f"{similarities} | {attacked} | {first['psnr']} | {first['flat_mean']:.2f} / "
+                         f"{first['flat_max']:.0f} | {first['seconds']:.0f} |")
         counts = [sum(next(r for r in mine if r["photo"] == p and r["sharing"] == s)["protected"]
                       for p in dict.fromkeys(r["photo"] for r in mine)) for s in sharings]
         photos = len(dict.fromkeys(r["photo"] for r in mine))
         lines.append(f"| {config} | | **all** | | **" + " / ".join(f"{c} of {photos}" for c in counts) + "** | | "
-                     f"{np.mean([r['psnr'] for r in mine if r['psnr'] is not None]):.1f} | | |")
+                     f"| {np.mean([r['psnr'] for r in mine if r['psnr'] is not None]):.1f} | | |")
     lines.append("")
     return "\n".join(lines)
 
