@@ -120,13 +120,17 @@ def verdict(similarity: float, calibration: Calibration | None) -> tuple[bool | 
 
 
 class Checker:
-    """The check with its models loaded once: `checker(original, protected)` returns the report as a dict."""
+    """The check with its models loaded once: `checker(original, protected)` returns the report as a dict.
+
+    `watched`: face models scored on the same edits without a verdict (a benchmark's attacked models), in the
+    report's `watched` as {sharing, judge, similarity}; the verdicts and the summary are the judges' alone."""
 
     def __init__(self, autoencoder: torch.nn.Module, judges: Sequence[Judge], editor: str = EDITOR_VAE,
-                 max_size: int = 1024) -> None:
+                 max_size: int = 1024, watched: Sequence[tuple[str, FaceSimilarity]] = ()) -> None:
         self.autoencoder = as_autoencoder(autoencoder).eval()
         self.device = next(self.autoencoder.parameters()).device
         self.judges = list(judges)
+        self.watched = list(watched)
         self.editor = f"autoencoder round trip of {editor}, at up to {max_size} px"
         self.max_size = max_size
 
@@ -148,21 +152,24 @@ class Checker:
             judge.similarity.add_sources(["original"], reference)
             if judge.similarity.sources["original"] is None:
                 raise InputError("no face found in the original photo; the check compares faces")
+        for _, similarity in self.watched:
+            similarity.add_sources(["original"], reference)
         if protected is not None:
             self.refuse_other_photos(original, protected)
         subject = pil_to_tensor(protected if protected is not None else original)
-        results = []
+        results, watched = [], []
         for sharing, share in SHARING.items():
             edited = self.edit(share(subject))
             for judge in self.judges:
-                similarity = float(judge.similarity.score(edited, ["original"])[0])
+                similarity = _score(judge.similarity, edited)
                 recognised, words = verdict(similarity, judge.calibration)
-                results.append({"sharing": sharing, "judge": judge.name,
-                                "similarity": None if math.isnan(similarity) else round(similarity, 4),
+                results.append({"sharing": sharing, "judge": judge.name, "similarity": _reported(similarity),
                                 "recognised": recognised, "verdict": words})
+            watched += [{"sharing": sharing, "judge": name, "similarity": _reported(_score(similarity, edited))}
+                        for name, similarity in self.watched]
         report = {"control": protected is None, "editor": self.editor, "linf_255": None, "psnr": None,
                   "judges": [judge.describe() for judge in self.judges], "results": results,
-                  "summary": summarise(results)}
+                  "summary": summarise(results), "watched": watched}
         if protected is not None:
             clean, adversarial = np.asarray(original), np.asarray(protected)
             report["linf_255"] = linf_255(adversarial, clean)
@@ -190,6 +197,15 @@ class Checker:
             face = "it is far more changed than a protection changes a photo"
         raise InputError(f"the protected copy is not a protected copy of this photo: {face} ({what}; any protection "
                          f"of this toolkit stays above {LOWEST_PSNR:.1f} dB)")
+
+
+def _score(similarity: FaceSimilarity, edited: torch.Tensor) -> float:
+    """The similarity of the edit's face to the original's (NaN where the edit shows no face)."""
+    return float(similarity.score(edited, ["original"])[0])
+
+
+def _reported(similarity: float) -> float | None:
+    return None if math.isnan(similarity) else round(similarity, 4)
 
 
 def summarise(results: list[dict]) -> dict[str, str]:

@@ -68,6 +68,19 @@ def test_a_protected_copy_reports_its_visibility_and_must_match_the_original():
     assert report["control"] is False and report["linf_255"] == 3 and 35 < report["psnr"] < 40
     assert report["summary"] == dict.fromkeys(check.SHARING, "not recognised")  # nothing passes a threshold > 1
     assert check.conclusion(report).startswith("protected:")
+
+
+def test_watched_models_are_scored_on_the_same_edits_without_a_verdict():
+    original = photo()
+    shifted = Image.fromarray(np.clip(np.asarray(original).astype(int) + 3, 0, 255).astype(np.uint8))
+    watched = [("attacked", FaceSimilarity(tiny_face_identity()))]
+    report = check.Checker(IdentityVAE(), [judge(threshold=1.01)], "identity", watched=watched)(original, shifted)
+    alone = check.Checker(IdentityVAE(), [judge(threshold=1.01)], "identity")(original, shifted)
+    assert report["summary"] == alone["summary"] and report["results"] == alone["results"]
+    assert [(w["sharing"], w["judge"]) for w in report["watched"]] == [(s, "attacked") for s in check.SHARING]
+    # the same face model as the judge, on the same edits: the same similarities
+    assert [w["similarity"] for w in report["watched"]] == [r["similarity"] for r in report["results"]]
+    assert alone["watched"] == []
     with pytest.raises(InputError, match="not a copy"):
         check.Checker(IdentityVAE(), [judge()], "identity")(original, photo(size=(96, 96)))
 

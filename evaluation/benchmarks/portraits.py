@@ -33,7 +33,7 @@ from methods.pipeline.protect import protect_folder
 from utils import UserError, atomic_write, load_image, pick_device, pil_to_tensor, run_script, write_csv
 
 from ..calibration import default_faces, labelled_photos
-from ..check import EDITOR_VAE, Checker, Judge, load_judges
+from ..check import EDITOR_VAE, Checker, load_judges
 from ..metrics.facial import FaceSimilarity
 from ..metrics.flat import flat_change
 from .crops import spread
@@ -87,15 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = originals / f"{person}__{path.name}"
         if not target.exists():
             atomic_write(target, lambda tmp, path=path: tmp.write_bytes(path.read_bytes()))
-    attacked = ",".join(sorted({m for o in chosen.values() for m in o.fr_model.split(",")}))
-    judges = load_judges(args.judge, device, protection_fr_model=attacked)
-    autoencoder = load_autoencoder(EDITOR_VAE, "", device, torch.float32)
-    checker = Checker(autoencoder, judges, EDITOR_VAE, args.max_size)
-    # the attacked models judged the same way, without a verdict: how much of the protection reaches the editor
-    white_box = Checker(autoencoder, [Judge(name, FaceSimilarity(load_face_identity(name, device)), None, "attacked")
-                                      for name in attacked.split(",")], EDITOR_VAE, args.max_size)
+    attacked = sorted({m for o in chosen.values() for m in o.fr_model.split(",")})
+    judges = load_judges(args.judge, device, protection_fr_model=",".join(attacked))
+    # the attacked models scored on the same edits, without a verdict: how much of the protection reaches the editor
+    checker = Checker(load_autoencoder(EDITOR_VAE, "", device, torch.float32), judges, EDITOR_VAE, args.max_size,
+                      watched=[(name, FaceSimilarity(load_face_identity(name, device))) for name in attacked])
     judged_by = ",".join([f"{j.name} {j.calibration.threshold if j.calibration else ''}" for j in judges]
-                         + [f"{name} (attacked)" for name in attacked.split(",")])
+                         + [f"{name} (attacked)" for name in attacked])
     rows, judged = [], read_judged(output / "judged.json")
     for name, options in chosen.items():
         protect_folder(options, originals, output / "protected" / name, say=print)
@@ -106,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             key = "|".join((name, sha256_of(originals / source.name), sha256_of(folder / output_name), judged_by,
                             str(args.max_size)))
             if key not in judged:
-                judged[key] = checked(checker, white_box, name, originals / source.name, folder / output_name,
-                                      entry["seconds"])
+                judged[key] = checked(checker, name, originals / source.name, folder / output_name, entry["seconds"])
                 write_judged(output / "judged.json", judged)
             rows += judged[key]
             write_csv(rows, output / "portraits.csv")
@@ -120,14 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def checked(checker: Checker, white_box: Checker, config: str, original_path: Path, protected_path: Path,
-            seconds: float) -> list[dict]:
+def checked(checker: Checker, config: str, original_path: Path, protected_path: Path, seconds: float) -> list[dict]:
     """The check's verdict on one protected photo: a row per way of sharing and judge, each with the attacked
-    models' similarity in that way of sharing (`white_box`: the check with the attacked models as judges)."""
+    models' similarity in that way of sharing (the checker's watched models)."""
     original, protected = load_image(original_path), load_image(protected_path)
     report = checker(original, protected)
     attacked = {}
-    for result in white_box(original, protected)["results"]:
+    for result in report["watched"]:
         attacked.setdefault(result["sharing"], []).append(f"{result['similarity']}")
     flat_mean, flat_max = flat_change(pil_to_tensor(protected), pil_to_tensor(original))
     return [{"config": config, "photo": original_path.stem, "size": f"{original.width}x{original.height}",
