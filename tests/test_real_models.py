@@ -106,8 +106,8 @@ def test_facelock_breaks_identity_for_a_model_it_never_saw(assets, taesd, identi
     assert protected < unprotected - 0.3
 
 
-@pytest.mark.parametrize("how", ["preset", "paths"])
-def test_defend_protects_a_real_photo_offline(assets, tmp_path, capsys, how):
+@pytest.mark.parametrize("how,levels", [("preset", 4), ("paths", 3)])  # the preset's 4/255, the engine's 0.03
+def test_defend_protects_a_real_photo_offline(assets, tmp_path, capsys, how, levels):
     source = tmp_path / "obama.png"
     Image.open(assets / "faces" / "obama" / "obama2.jpg").convert("RGB").save(source)
     models = (["--preset", "small"] if how == "preset" else
@@ -119,7 +119,7 @@ def test_defend_protects_a_real_photo_offline(assets, tmp_path, capsys, how):
     assert "LPIPS term off (--lpips none)" in printed and "sface" in printed
     protected = np.asarray(Image.open(tmp_path / "obama_protected.png")).astype(int)
     clean = np.asarray(Image.open(source)).astype(int)
-    assert protected.shape == clean.shape and 0 < np.abs(protected - clean).max() <= 3
+    assert protected.shape == clean.shape and 0 < np.abs(protected - clean).max() <= levels
 
 
 def test_an_ensemble_transfers_to_a_held_out_model_better_than_one_model(assets, taesd, identities):
