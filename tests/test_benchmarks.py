@@ -206,7 +206,7 @@ def test_portraits_benchmark_checks_whole_photos_at_their_own_size(assets, tmp_p
         image.save(faces / person / f"{Path(name).stem}.png")
     out = tmp_path / "out"
     argv = ["--faces", str(faces), "--output", str(out), "--judge", "mobilefacenet", "--device", "cpu",
-            "--configs", "plain=--num_iters 2 --input_diversity 0; aa=--num_iters 2 --antialias"]
+            "--configs", "plain=--num_iters 2 --input_diversity 0 --no-antialias; aa=--num_iters 2"]
     assert portraits.main(argv) == 0
     with (out / "portraits.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -216,9 +216,11 @@ def test_portraits_benchmark_checks_whole_photos_at_their_own_size(assets, tmp_p
     assert all(float(r["psnr"]) > 30 and r["size"] in ("256x320", "320x320") for r in rows)
     assert all(-1 <= float(r["attacked"]) <= 1 for r in rows)  # sface's similarity, as the judges see the photo
     manifest = (out / "protected" / "aa" / "budget_0.0314" / "manifest.json").read_text()
-    assert '"antialias": true' in manifest and '"fr_model": "sface"' in manifest
+    assert '"antialias": true' in manifest and '"fr_model": "sface"' in manifest  # the preset's
+    assert '"antialias": false' in (out / "protected" / "plain" / "budget_0.0314" / "manifest.json").read_text()
     table = (out / "portraits.md").read_text()
-    assert table.count("**all**") == 2 and "of 2" in table and "`--num_iters 2 --antialias`" in table
+    assert table.count("**all**") == 2 and "of 2" in table
+    assert "`--num_iters 2 --input_diversity 0 --no-antialias`" in table
     assert "`--preset small` (budget 0.0314 (4.0/255)" in table and "| attacked (the same) |" in table
     assert len(json.loads((out / "judged.json").read_text())) == 2 * 2  # configs x photos
     assert_a_rerun_redoes_nothing(portraits.main, argv, out, "portraits.csv", "similarity", "aa|", rows)

@@ -62,15 +62,18 @@ def test_targeted_flags_and_presets():
     assert small.input_diversity == 0.0  # the preset's input diversity is FaceLock's only
 
 
-def test_small_preset_gives_facelock_input_diversity():
+def test_small_preset_gives_facelock_input_diversity_and_antialiased_crops():
     parse = lambda *extra: protection_options.parse(  # noqa: E731
         defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", *extra])
     assert parse("--preset", "small").input_diversity == 0.5
+    assert parse("--preset", "small").antialias and not parse("--preset", "small", "--no-antialias").antialias
+    assert not parse().antialias and not parse("--preset", "paper").antialias
     assert parse("--preset", "small", "--input_diversity", "0").input_diversity == 0.0  # an explicit flag wins
     assert parse().input_diversity == parse("--preset", "paper").input_diversity == 0.0
     for method in ("cw", "noise", "facecloak"):  # no error for a method without the lever, no change to FaceCloak
-        assert protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", method,
-                                                         "--preset", "small"]).input_diversity == 0.0
+        options = protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", method,
+                                                                   "--preset", "small"])
+        assert options.input_diversity == 0.0 and not options.antialias
 
 
 @pytest.mark.parametrize("script", ["defend.py", "main_defend.py"])

@@ -152,10 +152,11 @@ def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: 
             here = [r for r in mine if r["photo"] == photo]
             verdicts = " / ".join("yes" if next(r for r in here if r["sharing"] == s)["protected"] else "no"
                                   for s in sharings)
-            similarities = " / ".join(", ".join(_similarity(r) for s in sharings for r in here
+            similarities = " / ".join(", ".join(_similarity(r["similarity"]) for s in sharings for r in here
                                                 if r["sharing"] == s and r["judge"] == n) for n in names)
             first = here[0]
-            attacked = ", ".join(next(r for r in here if r["sharing"] == s)["attacked"] for s in sharings)
+            attacked = ", ".join(_similarity(value) for s in sharings
+                                 for value in next(r for r in here if r["sharing"] == s)["attacked"].split(","))
             lines.append(f"| {config} | `{extra or '(none)'}` | {photo} | {first['size']} | {verdicts} | "
                          f"{similarities} | {attacked} | {first['psnr']} | {first['flat_mean']:.2f} / "
                          f"{first['flat_max']:.0f} | {first['seconds']:.0f} |")
@@ -168,8 +169,9 @@ def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: 
     return "\n".join(lines)
 
 
-def _similarity(row: dict) -> str:
-    return "n/a" if row["similarity"] is None else f"{row['similarity']:.3f}"
+def _similarity(value: float | str | None) -> str:
+    """A similarity as the table shows it: a number (or the text the CSV row keeps) to three places, n/a for none."""
+    return "n/a" if value in (None, "None") else f"{float(value):.3f}"
 
 
 if __name__ == "__main__":
