@@ -9,7 +9,7 @@ extra protection flags, `name=flags;name=flags`, `default=` the preset alone), a
 editor's round trip at its working size (up to `--max_size` px) after each way of sharing (as posted, JPEG 75, resize
 to 1080 px + JPEG 85), by face models the protection did not attack (`--judge`), at their calibrated thresholds. A
 photo counts as protected in a way of sharing when no judge recognises the face. Also reported: each judge's
-similarity, the attacked face model's judged the same way (how much of the protection reaches the editor's output at
+similarity, each attacked face model's judged the same way (how much of the protection reaches the editor's output at
 all, before any transfer), the PSNR and the change on the photo's flat parts (`evaluation.metrics.flat`). Protected
 photos and the verdicts (`judged.json`) are kept, so a rerun resumes and checks only what is new; `faces-holdout/` is
 refused.
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_judged(output / "judged.json", judged)
             rows += judged[key]
             write_csv(rows, output / "portraits.csv")
-    text = report_table(rows, configs, judges, args)
+    text = report_table(rows, configs, judges, attacked, args)
     atomic_write(output / "portraits.md", lambda tmp: tmp.write_text(text))
     if args.results:
         write_results(args.results, "Does the page's protection hold on whole photos?", text,
@@ -134,7 +134,8 @@ def checked(checker: Checker, config: str, original_path: Path, protected_path: 
             for result in report["results"]]
 
 
-def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: argparse.Namespace) -> str:
+def report_table(rows: list[dict], configs: dict[str, str], judges: list, attacked: list[str],
+                 args: argparse.Namespace) -> str:
     sharings = list(dict.fromkeys(r["sharing"] for r in rows))
     names = [j.name for j in judges]
     budget = budget_in_255(resolve("facelock", preset="small").attack_budget)
@@ -142,9 +143,11 @@ def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: 
              f"own size, judged by `evaluation.check` (TAESD round trip at up to {args.max_size} px; judges "
              + ", ".join(
                  f"{j.name} {j.calibration.threshold:.3f}" for j in judges if j.calibration is not None)
-             + " at 1 % FAR). Protected: no judge recognises the face.", "",
+             + " at 1 % FAR). Protected: no judge recognises the face. Attacked: the similarity of each face model "
+             "some config attacks, judged the same way without a verdict.", "",
              "| config | flags | photo | size | protected: " + " / ".join(sharings) + " | "
-             + " / ".join(f"{n} ({', '.join(sharings)})" for n in names) + " | attacked (the same) | PSNR (dB) "
+             + " / ".join(f"{n} ({', '.join(sharings)})" for n in names) + " | attacked: "
+             + " / ".join(f"{n} ({', '.join(sharings)})" for n in attacked) + " | PSNR (dB) "
              "| flat: mean / largest (/255) | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for config, extra in configs.items():
         mine = [r for r in rows if r["config"] == config]
@@ -155,10 +158,10 @@ def report_table(rows: list[dict], configs: dict[str, str], judges: list, args: 
             similarities = " / ".join(", ".join(_similarity(r["similarity"]) for s in sharings for r in here
                                                 if r["sharing"] == s and r["judge"] == n) for n in names)
             first = here[0]
-            attacked = ", ".join(_similarity(value) for s in sharings
-                                 for value in next(r for r in here if r["sharing"] == s)["attacked"].split(","))
+            watched = [next(r for r in here if r["sharing"] == s)["attacked"].split(",") for s in sharings]
+            scores = " / ".join(", ".join(_similarity(values[i]) for values in watched) for i in range(len(attacked)))
             lines.append(f"| {config} | `{extra or '(none)'}` | {photo} | {first['size']} | {verdicts} | "
-                         f"{similarities} | {attacked} | {first['psnr']} | {first['flat_mean']:.2f} / "
+                         f"{similarities} | {scores} | {first['psnr']} | {first['flat_mean']:.2f} / "
                          f"{first['flat_max']:.0f} | {first['seconds']:.0f} |")
         counts = [sum(next(r for r in mine if r["photo"] == p and r["sharing"] == s)["protected"]
                       for p in dict.fromkeys(r["photo"] for r in mine)) for s in sharings]
