@@ -68,6 +68,8 @@ def test_a_protected_copy_reports_its_visibility_and_must_match_the_original():
     assert report["control"] is False and report["linf_255"] == 3 and 35 < report["psnr"] < 40
     assert report["summary"] == dict.fromkeys(check.SHARING, "not recognised")  # nothing passes a threshold > 1
     assert check.conclusion(report).startswith("protected:")
+    with pytest.raises(InputError, match="not a copy"):
+        check.Checker(IdentityVAE(), [judge()], "identity")(original, photo(size=(96, 96)))
 
 
 def test_watched_models_are_scored_on_the_same_edits_without_a_verdict():
@@ -81,8 +83,6 @@ def test_watched_models_are_scored_on_the_same_edits_without_a_verdict():
     # the same face model as the judge, on the same edits: the same similarities
     assert [w["similarity"] for w in report["watched"]] == [r["similarity"] for r in report["results"]]
     assert alone["watched"] == []
-    with pytest.raises(InputError, match="not a copy"):
-        check.Checker(IdentityVAE(), [judge()], "identity")(original, photo(size=(96, 96)))
 
 
 def test_a_copy_that_no_protection_could_give_is_refused_and_another_face_is_named():
