@@ -217,6 +217,7 @@ def test_portraits_benchmark_checks_whole_photos_at_their_own_size(assets, tmp_p
     assert all(-1 <= float(r["attacked"]) <= 1 for r in rows)  # sface's similarity, as the judges see the photo
     manifest = (out / "protected" / "aa" / "budget_0.0314" / "manifest.json").read_text()
     assert '"antialias": true' in manifest and '"fr_model": "sface"' in manifest  # the preset's
+    assert '"eot": "none,share"' in manifest
     assert '"antialias": false' in (out / "protected" / "plain" / "budget_0.0314" / "manifest.json").read_text()
     table = (out / "portraits.md").read_text()
     assert table.count("**all**") == 2 and "of 2" in table

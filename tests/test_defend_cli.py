@@ -62,18 +62,25 @@ def test_targeted_flags_and_presets():
     assert small.input_diversity == 0.0  # the preset's input diversity is FaceLock's only
 
 
-def test_small_preset_gives_facelock_input_diversity_and_antialiased_crops():
+def test_small_preset_gives_facelock_its_measured_levers():
     parse = lambda *extra: protection_options.parse(  # noqa: E731
         defend.build_parser(), ["--input_path", "a.png", "--defend_method", "facelock", *extra])
-    assert parse("--preset", "small").input_diversity == 0.5
-    assert parse("--preset", "small").antialias and not parse("--preset", "small", "--no-antialias").antialias
+    small = parse("--preset", "small")
+    assert (small.input_diversity, small.eot, small.num_iters) == (0.5, "none,share", 200) and small.antialias
+    assert not parse("--preset", "small", "--no-antialias").antialias
     assert not parse().antialias and not parse("--preset", "paper").antialias
     assert parse("--preset", "small", "--input_diversity", "0").input_diversity == 0.0  # an explicit flag wins
+    assert parse("--preset", "small", "--num_iters", "3", "--eot", "jpeg").num_iters == 3
+    assert parse("--preset", "small", "--eot", "jpeg").eot == "jpeg"
+    assert parse("--preset", "small", "--eot", "none").eot is None  # the preset's EOT turned off
     assert parse().input_diversity == parse("--preset", "paper").input_diversity == 0.0
+    assert (parse().eot, parse().num_iters) == (parse("--preset", "paper").eot, 100) == (None, 100)
     for method in ("cw", "noise", "facecloak"):  # no error for a method without the lever, no change to FaceCloak
         options = protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", method,
                                                                    "--preset", "small"])
-        assert options.input_diversity == 0.0 and not options.antialias
+        assert options.input_diversity == 0.0 and not options.antialias and options.eot is None
+    assert protection_options.parse(defend.build_parser(), ["--input_path", "a.png", "--defend_method", "cw",
+                                                            "--preset", "small"]).num_iters == 100
 
 
 @pytest.mark.parametrize("script", ["defend.py", "main_defend.py"])

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 #: The page's presets (defend.py's), with what to expect of each.
 PAGE_PRESETS = {
-    "small": "about a minute per portrait on a laptop CPU (the square around the face)",
+    "small": "under two minutes per portrait on a laptop CPU (the square around the face)",
     "paper": "the paper's models and step; needs a GPU",
 }
 #: Judges tried in order for the verdicts: the first one the protection did not attack.
